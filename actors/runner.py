@@ -1,0 +1,32 @@
+"""Run stages in this process, without Ray: tests, debugging and the benchmarks' baseline."""
+from __future__ import annotations
+
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+Batch = dict[str, np.ndarray]
+
+
+def iter_batches(columns: Batch, batch_size: int) -> Iterator[Batch]:
+    n = len(next(iter(columns.values())))
+    for start in range(0, n, batch_size):
+        yield {k: v[start:start + batch_size] for k, v in columns.items()}
+
+
+def run_local(stages: Sequence[Callable[[Batch], Batch]], columns: Batch, batch_size: int) -> Batch:
+    """Every row through every stage in order, `batch_size` rows at a time; rows keep their order."""
+    outputs: list[Batch] = []
+    for batch in iter_batches(columns, batch_size):
+        for stage in stages:
+            batch = stage(batch)
+        outputs.append(batch)
+    return {k: _concat([b[k] for b in outputs]) for k in outputs[0]}
+
+
+def _concat(parts: list[np.ndarray]) -> np.ndarray:
+    if parts[0].dtype == object:
+        out = np.empty(sum(len(p) for p in parts), dtype=object)
+        out[:] = [x for p in parts for x in p]
+        return out
+    return np.concatenate(parts)

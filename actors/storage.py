@@ -1,0 +1,74 @@
+"""Local paths and s3:// URIs behind one pyarrow filesystem interface."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+@dataclass(frozen=True)
+class StorageOptions:
+    """How to reach S3-compatible storage; picklable so workers get the driver's settings.
+
+    Credentials default to the standard AWS environment variables of the process
+    that builds the options (the job driver), so workers on other nodes use them too.
+    """
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    access_key: str | None = field(default=None, repr=False)
+    secret_key: str | None = field(default=None, repr=False)
+    session_token: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_env(cls, endpoint_url: str | None = None) -> "StorageOptions":
+        env = os.environ
+        return cls(
+            endpoint_url=endpoint_url or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL"),
+            region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION"),
+            access_key=env.get("AWS_ACCESS_KEY_ID"),
+            secret_key=env.get("AWS_SECRET_ACCESS_KEY"),
+            session_token=env.get("AWS_SESSION_TOKEN"),
+        )
+
+    def s3(self) -> pafs.S3FileSystem:
+        kwargs: dict = {"region": self.region or "us-east-1"}
+        if self.endpoint_url:
+            parsed = urlparse(self.endpoint_url if "://" in self.endpoint_url else f"http://{self.endpoint_url}")
+            kwargs["endpoint_override"] = parsed.netloc
+            kwargs["scheme"] = parsed.scheme
+        if self.access_key:
+            kwargs.update(access_key=self.access_key, secret_key=self.secret_key,
+                          session_token=self.session_token)
+        return pafs.S3FileSystem(**kwargs)
+
+    def resolve(self, uri: str) -> tuple[pafs.FileSystem, str]:
+        """The filesystem for `uri` and the path to use with it."""
+        if is_s3(uri):
+            return self.s3(), uri[len("s3://"):].rstrip("/")
+        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+
+
+def join(uri: str, *parts: str) -> str:
+    return "/".join([uri.rstrip("/"), *parts])
+
+
+def read_bytes(uri: str, storage: StorageOptions) -> bytes:
+    fs, path = storage.resolve(uri)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def write_bytes(uri: str, data: bytes, storage: StorageOptions) -> None:
+    fs, path = storage.resolve(uri)
+    parent = path.rsplit("/", 1)[0]
+    if parent:
+        fs.create_dir(parent, recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(data)
