@@ -10,12 +10,17 @@ OK, ERROR = "ok", "error"
 
 
 def column(batch: dict[str, np.ndarray], name: str, i: int) -> Any:
-    """Row i of an optional column (None when the column is absent or the value null)."""
+    """Row i of an optional column (None when the column is absent or the value null).
+
+    Nulls reach a numpy batch as None or as NaN, depending on how Ray converted the block.
+    """
     values = batch.get(name)
     if values is None:
         return None
     value = values[i]
-    return None if value is None else value
+    if value is None or (isinstance(value, (float, np.floating)) and np.isnan(value)):
+        return None
+    return value
 
 
 class RowResults:

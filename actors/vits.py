@@ -33,6 +33,8 @@ class VitsOptions:
     """Pause inserted between the sentences of one row."""
     max_batch_rows: int = 16
     """Sentences per ONNX call; sentences are batched by phoneme count."""
+    max_padding_ratio: float = 1.25
+    """A batch's longest sentence is at most this many times its shortest: padding is wasted compute."""
     noise_scale: float | None = None
     length_scale: float | None = None
     noise_w: float | None = None
@@ -131,7 +133,7 @@ class VitsStage:
     @staticmethod
     def _scale(batch: dict[str, np.ndarray], name: str, i: int, default: float) -> float:
         value = column(batch, name, i)
-        if value is None or (isinstance(value, float) and np.isnan(value)):
+        if value is None:
             return default
         value = float(value)
         if not 0.0 <= value <= 10.0:
@@ -160,13 +162,18 @@ class VitsStage:
         step = self.options.max_batch_rows
         groups: list[list[int]] = []
         for k in order:
-            if groups and len(groups[-1]) < step and _same_group(units[groups[-1][0]], units[k]):
+            if groups and len(groups[-1]) < step and self._fits(units[groups[-1][0]], units[k]):
                 groups[-1].append(k)
             else:
                 groups.append([k])
         for group in groups:
             self._run_group([units[k] for k in group], group, pieces, results)
         return {row: [by_unit[k] for k in sorted(by_unit)] for row, by_unit in pieces.items()}
+
+    def _fits(self, first: _Unit, unit: _Unit) -> bool:
+        """Same scales and speaker (one ONNX call shares them) and little padding (sorted by length)."""
+        return (first.scales == unit.scales and first.sid == unit.sid
+                and len(unit.ids) <= self.options.max_padding_ratio * len(first.ids))
 
     def _run_group(self, group: list[_Unit], keys: list[int], pieces: dict, results: RowResults) -> None:
         start = time.perf_counter()
@@ -198,5 +205,3 @@ class VitsStage:
         return [audio[r, :int(sample_lengths[r])].astype(np.float32) for r in range(len(sequences))]
 
 
-def _same_group(a: _Unit, b: _Unit) -> bool:
-    return a.scales == b.scales and a.sid == b.sid

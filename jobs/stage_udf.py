@@ -12,6 +12,7 @@ from ray.data import Datasink
 from ray.data.block import Block, BlockAccessor
 
 from actors.audio import encode_audio
+from actors.rows import column
 from actors.storage import StorageOptions, join
 from jobs.job_config import StageConfig
 from jobs.manifest import PARTS_DIR, RESULT_SCHEMA, audio_name
@@ -42,7 +43,8 @@ def mark_unknown_speakers(batch: dict[str, np.ndarray], known: frozenset[str]) -
     status = np.array(batch["status"] if "status" in batch else ["ok"] * len(batch["id"]), dtype=object)
     error = np.array(batch["error"] if "error" in batch else [""] * len(batch["id"]), dtype=object)
     if speakers is not None:
-        for i, speaker in enumerate(speakers):
+        for i in range(len(speakers)):
+            speaker = column(batch, "speaker_id", i)
             if speaker not in (None, "") and speaker not in known:
                 status[i], error[i] = "error", f"unknown speaker {speaker!r} (not in the speaker manifest)"
     return {**batch, "status": status, "error": error}

@@ -86,7 +86,7 @@ def test_zero_noise_is_deterministic_and_batching_does_not_change_rows(stage):
 def test_bad_rows_fail_alone_with_clear_messages(stage):
     cols = columns(id=["ok", "empty", "blank", "long", "spk", "scale", "nan"],
                    text=["Fine.", "", "   \n ", "word " * 2000, "Hi.", "Hi.", None],
-                   speaker_id=[None, None, None, None, "bob", None, None],
+                   speaker_id=[float("nan"), None, None, None, "bob", None, None],
                    length_scale=[None, None, None, None, None, 50.0, None])
     out = run_local([stage], cols, batch_size=7)
     assert list(out["status"]) == ["ok", "error", "error", "error", "error", "error", "error"]
