@@ -83,13 +83,18 @@ def run_job(args: JobArgs) -> JobSummary:
         if not ray.is_initialized():
             ray.init(logging_level=logging.WARNING)
         fs, path = storage.resolve(args.manifest)
-        pool = config.pool
-        # A manifest file is often one block; split it so every actor in the pool gets work.
-        ds = ray.data.read_parquet(path, filesystem=fs).repartition(target_num_rows_per_block=pool.rows_per_block)
+        pool, io_cpus = config.pool, config.io.num_cpus
+        # The file-listing step of Ray Data's v2 reader always asks for a whole CPU, which
+        # deadlocks when the actors hold most of a node; the v1 reader takes fractional CPUs
+        # and splits a one-file manifest into blocks, so every actor in the pool gets work.
+        ray.data.DataContext.get_current().use_datasource_v2 = False
+        num_blocks = max(1, -(-len(manifest.ids) // pool.rows_per_block))
+        ds = ray.data.read_parquet(path, filesystem=fs, num_cpus=io_cpus, override_num_blocks=num_blocks)
         if skipped:
-            ds = ds.map_batches(_drop_done, fn_kwargs={"done": done}, batch_format="pyarrow", num_cpus=0.1)
+            ds = ds.map_batches(_drop_done, fn_kwargs={"done": done}, batch_format="pyarrow", num_cpus=io_cpus)
         if known is not None:
-            ds = ds.map_batches(mark_unknown_speakers, fn_kwargs={"known": known}, batch_format="numpy", num_cpus=0.1)
+            ds = ds.map_batches(mark_unknown_speakers, fn_kwargs={"known": known}, batch_format="numpy",
+                                num_cpus=io_cpus)
         ds = ds.map_batches(
             SynthesizeUDF,
             fn_constructor_kwargs={"stage": config.stage, "bundle": bundle, "storage": storage, "fmt": fmt},
@@ -98,7 +103,7 @@ def run_job(args: JobArgs) -> JobSummary:
             batch_size=pool.batch_size, num_cpus=pool.num_cpus, num_gpus=pool.num_gpus, batch_format="numpy",
         )
         ds.write_datasink(AudioDatasink(args.output, storage, fmt),
-                          ray_remote_args={"num_cpus": config.write.num_cpus})
+                          ray_remote_args={"num_cpus": io_cpus})
 
     results = consolidate(args.output, storage, manifest.ids)
     ok = pc.equal(results.column("status"), "ok")

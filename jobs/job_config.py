@@ -43,7 +43,9 @@ class PoolConfig:
 
 
 @dataclass
-class WriteConfig:
+class IOConfig:
+    """CPUs per read, filter and write task; fractional so they schedule beside the actors."""
+
     num_cpus: float = 0.25
 
 
@@ -53,7 +55,7 @@ class JobConfig:
     format: str = "wav"
     stage: StageConfig = field(default_factory=StageConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
-    write: WriteConfig = field(default_factory=WriteConfig)
+    io: IOConfig = field(default_factory=IOConfig)
 
 
 def _build(cls: type, data: dict[str, Any], where: str) -> Any:
@@ -64,7 +66,7 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     unknown = sorted(set(data) - set(known))
     if unknown:
         raise ConfigError(f"{where}: unknown keys {unknown}")
-    nested = {"stage": StageConfig, "pool": PoolConfig, "write": WriteConfig}
+    nested = {"stage": StageConfig, "pool": PoolConfig, "io": IOConfig}
     kwargs = {k: _build(nested[k], v, f"{where}.{k}") if k in nested and cls is JobConfig else v
               for k, v in data.items()}
     return cls(**kwargs)

@@ -38,7 +38,7 @@ def ray_cluster(voxray_cache, default_bundle):
     import ray
 
     context = ray.init(num_cpus=2, object_store_memory=300 * 1024 * 1024, include_dashboard=True,
-                       dashboard_host="127.0.0.1", dashboard_port=_free_port_pair(),
+                       dashboard_host="127.0.0.1", dashboard_port=free_port_pair(),
                        runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "VOXRAY_CACHE": str(voxray_cache)}},
                        logging_level="WARNING")
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -46,7 +46,7 @@ def ray_cluster(voxray_cache, default_bundle):
     ray.shutdown()
 
 
-def _free_port_pair() -> int:
+def free_port_pair() -> int:
     """A port p with p and p+10000 free (SeaweedFS puts gRPC on +10000)."""
     for _ in range(100):
         with socket.socket() as s:
@@ -74,7 +74,7 @@ def s3_server(tmp_path_factory) -> dict[str, str]:
     config.write_text(json.dumps({"identities": [{
         "name": "voxray", "credentials": [{"accessKey": S3_ACCESS_KEY, "secretKey": S3_SECRET_KEY}],
         "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
-    ports = {name: _free_port_pair() for name in ("s3", "master", "filer", "volume", "admin")}
+    ports = {name: free_port_pair() for name in ("s3", "master", "filer", "volume", "admin")}
     cmd = [weed, "mini", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
            f"-s3.port={ports['s3']}", f"-master.port={ports['master']}", f"-filer.port={ports['filer']}",
            f"-volume.port={ports['volume']}", f"-admin.port={ports['admin']}", "-s3.port.iceberg=0",
