@@ -28,11 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", default=None, help="checkpoint to rebuild the torch modules from "
                    "(default: the location bundle.json records)")
     p.add_argument("--threads", type=int, default=max(1, min(4, os.cpu_count() or 1)))
-    p.add_argument("--s3-endpoint", default=None, help="S3 endpoint URL for s3:// bundles or checkpoints")
+    p.add_argument("--endpoint-url", default=None, help="S3 endpoint URL for s3:// bundles or checkpoints")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
-    storage = StorageOptions.from_env(endpoint_url=args.s3_endpoint)
+    storage = StorageOptions.from_env(endpoint_url=args.endpoint_url)
     from export.chatterbox.__main__ import quiet_libraries
     quiet_libraries()
     try:

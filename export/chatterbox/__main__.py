@@ -5,7 +5,7 @@
 
 The checkpoint is the official file layout (ve.safetensors, t3_cfg.safetensors,
 s3gen.safetensors, tokenizer.json, optional conds.pt), local or under an s3://
-prefix (credentials from the AWS environment variables; --s3-endpoint for
+prefix (credentials from the AWS environment variables; --endpoint-url for
 S3-compatible servers).  `--random-init` needs no checkpoint: seeded random
 weights of a size preset (configs/chatterbox/<name>.yaml) for tests and
 benchmarks.  Every graph is verified against its PyTorch module before the
@@ -22,6 +22,7 @@ from pathlib import Path
 
 from actors.bundle import BundleError
 from actors.storage import StorageOptions
+from export.chatterbox.graph_io import EXTERNAL_DATA_BYTES
 
 
 def _threads() -> int:
@@ -61,9 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=_threads(), help="torch / ONNX Runtime threads")
     p.add_argument("--decode-steps", type=int, default=8, help="cached greedy decode steps the LM check runs")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
-    p.add_argument("--s3-endpoint", default=None, help="S3 endpoint URL for an s3:// checkpoint")
+    p.add_argument("--endpoint-url", default=None, help="S3 endpoint URL for an s3:// checkpoint")
     p.add_argument("--tolerance-scale", type=float, default=1.0, help=argparse.SUPPRESS)  # tests: 0 forces failure
-    p.add_argument("--external-data-threshold", type=int, default=1_800_000_000,
+    p.add_argument("--external-data-threshold", type=int, default=EXTERNAL_DATA_BYTES,
                    help="graphs with more weight bytes than this keep them in <graph>.onnx.data")
     p.add_argument("--quiet", action="store_true", help="print only the final JSON summary")
     return p
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.random_init:
             source = RandomInit(cfg, seed=args.seed, preset=preset)
         else:
-            storage = StorageOptions.from_env(endpoint_url=args.s3_endpoint)
+            storage = StorageOptions.from_env(endpoint_url=args.endpoint_url)
             source = Checkpoint(args.checkpoint, cfg, storage=storage)
         manifest = export_bundle(source, args.out, options, log=log)
     except (CheckpointError, VerificationError, BundleError, FileNotFoundError, FileExistsError,

@@ -36,7 +36,7 @@ from actors.bundle import FORMAT_VERSION, Bundle, load_bundle, sha256_file, writ
 from export.chatterbox import campplus, cfm, flow_encoder, hift, s3tokenizer, t3 as t3_mod, voice_encoder
 from export.chatterbox.checkpoint import (COMPONENTS, VOICE_KEYS, Checkpoint, CheckpointError, ModelConfig,
                                           RandomInit, Source, weights_fingerprint)
-from export.chatterbox.graph_io import export_graph, verify_graph
+from export.chatterbox.graph_io import EXTERNAL_DATA_BYTES, export_graph, save_onnx, verify_graph
 from export.chatterbox.spec import GraphSpec, Tolerance
 
 FAMILY = "chatterbox"
@@ -101,7 +101,7 @@ class ExportOptions:
     decode_steps: int = 8               # cached greedy decode steps checked by verify_lm
     int8_steps: int = 64                # greedy steps compared by verify_lm_int8
     tolerance_scale: float = 1.0        # multiplies every tolerance (0 forces a failure: tests)
-    external_data_bytes: int = 1_800_000_000   # graphs larger than this keep weights in <name>.onnx.data
+    external_data_bytes: int = EXTERNAL_DATA_BYTES  # graphs larger than this keep weights in <name>.onnx.data
     overwrite: bool = False
 
     def __post_init__(self) -> None:
@@ -175,12 +175,7 @@ def _write_graph(spec: GraphSpec, out_dir: Path, dtype: str, log: Log,
         elif extras or sum(f.stat().st_size for f in work.iterdir()) > external_bytes:
             # past 2 GB torch writes one file per tensor: gather them into one data file
             log(f"  {name}: weights -> external data {name}.onnx.data")
-            model = onnx.load(str(exported))
-            data = f"{name}.onnx.data"
-            onnx.save_model(model, str(final), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data, size_threshold=1024)
-            del model
-            external = [data]
+            external = save_onnx(onnx.load(str(exported)), final, external_bytes=0)
         else:
             exported.replace(final)
         return final.name, external, info

@@ -31,6 +31,8 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto
 
+from export.chatterbox.graph_io import EXTERNAL_DATA_BYTES, save_onnx
+
 # Ops the closure of "index arithmetic" may pass through (no learned weights involved).
 _INDEX_OPS = {
     "Cast", "Mul", "Add", "Sub", "Div", "Neg", "Concat", "Unsqueeze", "Squeeze", "Reshape", "Expand",
@@ -43,7 +45,6 @@ _ALWAYS_FP32_OPS = {"LayerNormalization", "Softmax", "Exp", "ReduceL2"}
 _MASK_OPS = {"Add", "Where", "Cast", "Sub"}
 _NORM_SCOPE = re.compile(r"norm[^/]*/[^/]+$", re.IGNORECASE)
 _MISSING_KERNEL = re.compile(r"Could not find an implementation for (\w+)\(")
-EXTERNAL_THRESHOLD = 1_800_000_000
 
 
 def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
@@ -94,20 +95,8 @@ def _infer(model_path: Path) -> onnx.ModelProto:
     return model
 
 
-def _save(model: onnx.ModelProto, path: Path, external_bytes: int = EXTERNAL_THRESHOLD) -> list[str]:
-    """Save; external data file `<name>.data` when the weights are large. Returns extra files."""
-    size = sum(len(t.raw_data) for t in model.graph.initializer)
-    if size > external_bytes:
-        data = path.name + ".data"
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data, size_threshold=1024)
-        return [data]
-    onnx.save_model(model, str(path))
-    return []
-
-
 def convert_fp16(src: Path, dst: Path, precise_inputs: tuple[str, ...] = (),
-                 max_rounds: int = 12, external_bytes: int = EXTERNAL_THRESHOLD) -> dict:
+                 max_rounds: int = 12, external_bytes: int = EXTERNAL_DATA_BYTES) -> dict:
     """Convert `src` (fp32) to `dst` (fp16 inside, fp32 IO); returns what stayed fp32."""
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
@@ -126,7 +115,7 @@ def convert_fp16(src: Path, dst: Path, precise_inputs: tuple[str, ...] = (),
         del model.graph.value_info[:]
         for stale in dst.parent.glob(dst.name + ".data"):
             stale.unlink()
-        extra = _save(model, dst, external_bytes)
+        extra = save_onnx(model, dst, external_bytes)
         try:
             ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"])
         except Exception as e:  # noqa: BLE001 - ORT raises its own exception types

@@ -4,12 +4,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import torch
 
 from export.chatterbox.spec import GraphSpec, Inputs, Tolerance
 
 OPSET = 17
+# Graphs whose weights pass this keep them in one `<name>.onnx.data` file (protobuf caps a file at 2 GB).
+EXTERNAL_DATA_BYTES = 1_800_000_000
 
 
 def export_graph(spec: GraphSpec, out_dir: Path, seed: int = 0) -> Path:
@@ -25,6 +28,20 @@ def export_graph(spec: GraphSpec, out_dir: Path, seed: int = 0) -> Path:
             opset_version=OPSET, dynamo=False, do_constant_folding=True,
         )
     return path
+
+
+def save_onnx(model: onnx.ModelProto, path: Path, external_bytes: int) -> list[str]:
+    """Save `model`; weights past `external_bytes` go to one `<name>.data` file beside it
+    (protobuf caps a file at 2 GB). Returns the external files written."""
+    size = sum(len(t.raw_data) for t in model.graph.initializer)
+    if size <= external_bytes:
+        onnx.save_model(model, str(path))
+        return []
+    data = path.name + ".data"
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data, size_threshold=1024)
+    (path.parent / data).chmod(0o644)  # onnx creates it owner-only; bundles are shared read-only
+    return [data]
 
 
 def session(path: Path, threads: int = 1) -> ort.InferenceSession:

@@ -14,14 +14,13 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from export.chatterbox.graph_io import session
+from export.chatterbox.graph_io import EXTERNAL_DATA_BYTES, session
 from export.chatterbox.spec import Tolerance
 from export.chatterbox.t3 import LM_TOLERANCE, T3, T3Config, lm_io_names
 
 # Teacher-forced greedy agreement required of the int8 graph against fp32 (tiny seeded model).
 INT8_MIN_AGREEMENT = 0.9
 # Above this many bytes of weights an output ONNX file keeps its tensors as external data.
-EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
 
 class _LM:
@@ -205,7 +204,7 @@ def quantize_lm(fp32_path: Path, out_path: Path, per_channel: bool = False,
         graph = onnx.load(str(fp32_path), load_external_data=False).graph
         exclude = [n.name for n in graph.node if n.op_type == "MatMul" and "logits" in n.output]
     # int8 weights are a quarter of the fp32 bytes (the fp32 head adds ~1.6 %)
-    big = _lm_weight_bytes(fp32_path) // 4 > EXTERNAL_DATA_THRESHOLD
+    big = _lm_weight_bytes(fp32_path) // 4 > EXTERNAL_DATA_BYTES
     quantize_dynamic(
         str(fp32_path), str(out_path), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
         per_channel=per_channel, nodes_to_exclude=exclude,
