@@ -58,17 +58,3 @@ class StorageOptions:
 def join(uri: str, *parts: str) -> str:
     return "/".join([uri.rstrip("/"), *parts])
 
-
-def read_bytes(uri: str, storage: StorageOptions) -> bytes:
-    fs, path = storage.resolve(uri)
-    with fs.open_input_stream(path) as f:
-        return f.read()
-
-
-def write_bytes(uri: str, data: bytes, storage: StorageOptions) -> None:
-    fs, path = storage.resolve(uri)
-    parent = path.rsplit("/", 1)[0]
-    if parent:
-        fs.create_dir(parent, recursive=True)
-    with fs.open_output_stream(path) as f:
-        f.write(data)

@@ -33,7 +33,6 @@ class ManifestError(ValueError):
 class TextManifest:
     uri: str
     ids: pa.Array
-    columns: list[str]
 
 
 def _read_columns(uri: str, storage: StorageOptions, columns: list[str] | None, what: str) -> pa.Table:
@@ -80,7 +79,7 @@ def validate_text_manifest(uri: str, storage: StorageOptions) -> TextManifest:
         raise ManifestError(f"{what} {uri}: missing columns {missing} (has {schema.names})")
     ids = _read_columns(uri, storage, ["id"], what).column("id")
     _check_keys(ids, "id", f"{what} {uri}")
-    return TextManifest(uri, ids.combine_chunks(), list(schema.names))
+    return TextManifest(uri, ids.combine_chunks())
 
 
 def read_speaker_manifest(uri: str, storage: StorageOptions) -> pa.Table:

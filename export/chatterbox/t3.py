@@ -356,7 +356,6 @@ def lm_spec(model: T3, cfg: T3Config, past_len: int = 3) -> GraphSpec:
 def graph_specs(model: T3, cfg: T3Config) -> list[GraphSpec]:
     """t3_cond, t3_text_embed, t3_speech_embed, t3_lm (see the module docstring)."""
     model.eval()
-    d = cfg.hidden_size
 
     # t3_cond has no prompt mask: every row of a batch has the same prompt length,
     # max(lengths); `lengths` only sets the batch size (and that common length).
