@@ -1,6 +1,6 @@
 """HiFT vocoder of S3Gen (`mel2wav.*` in s3gen.safetensors): f0 predictor + NSF/iSTFT decoder.
 
-Two contract graphs come out of this module (see shared/chatterbox/FACTS.md):
+Two contract graphs come out of this module (see docs/architecture.md, "the graph contract"):
 
 * `hift_f0`:      mel [B,80,T] -> f0 [B,T]
 * `hift_decoder`: mel [B,80,T], sine_waves [B,480*T,9] -> magnitude [B,9,F], phase [B,9,F]
@@ -14,6 +14,7 @@ random), `istft_torch` (magnitude clip, inverse STFT, clamp), `fade_in_torch`, a
 Inside `hift_decoder` the STFT of the excitation is a strided conv1d with a fixed
 windowed DFT basis (torch.stft does not export); it computes the same transform
 as torch.stft(center=True, pad_mode="reflect", onesided, unnormalized, periodic hann).
+The window and the basis come from `actors.dsp`, as in the numpy runtime.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
+from actors.dsp import dft_basis, hann
 from export.chatterbox.spec import GraphSpec, Inputs, Tolerance
 
 
@@ -160,22 +162,6 @@ class SourceMerge(nn.Module):
         return torch.tanh(self.l_linear(sine_waves)).squeeze(-1)
 
 
-def hann_window_np(n: int) -> np.ndarray:
-    """Periodic hann window (scipy get_window('hann', n, fftbins=True)), float32."""
-    k = np.arange(n, dtype=np.float64)
-    return (0.5 - 0.5 * np.cos(2.0 * np.pi * k / n)).astype(np.float32)
-
-
-def dft_basis_np(n_fft: int) -> np.ndarray:
-    """[2*(n_fft//2+1), 1, n_fft] float32: windowed cos rows (real part), then -sin rows (imag)."""
-    win = hann_window_np(n_fft).astype(np.float64)
-    k = np.arange(n_fft // 2 + 1)[:, None]
-    n = np.arange(n_fft)[None, :]
-    ang = 2.0 * np.pi * ((k * n) % n_fft) / n_fft
-    basis = np.concatenate([np.cos(ang) * win, -np.sin(ang) * win], axis=0)
-    return basis[:, None, :].astype(np.float32)
-
-
 def stft_conv(x: torch.Tensor, n_fft: int, hop: int) -> torch.Tensor:
     """torch.stft(x, n_fft, hop, n_fft, hann, center=True, reflect) as [B, 2*bins, frames] (real; imag).
 
@@ -183,14 +169,14 @@ def stft_conv(x: torch.Tensor, n_fft: int, hop: int) -> torch.Tensor:
     """
     with warnings.catch_warnings():  # a constant in the trace is what we want here
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-        basis = torch.from_numpy(dft_basis_np(n_fft)).to(device=x.device, dtype=x.dtype)
+        basis = torch.from_numpy(dft_basis(n_fft)).to(device=x.device, dtype=x.dtype)
     padded = F.pad(x.unsqueeze(1), (n_fft // 2, n_fft // 2), mode="reflect")
     return F.conv1d(padded, basis, stride=hop)
 
 
 def stft_torch(x: torch.Tensor, n_fft: int, hop: int) -> torch.Tensor:
     """Reference: the official torch.stft call, as [B, 2*bins, frames] (real; imag)."""
-    window = torch.from_numpy(hann_window_np(n_fft)).to(x.device)
+    window = torch.from_numpy(hann(n_fft)).to(x.device)
     spec = torch.view_as_real(torch.stft(x, n_fft, hop, n_fft, window=window, return_complex=True))
     return torch.cat([spec[..., 0], spec[..., 1]], dim=1)
 
@@ -350,7 +336,7 @@ def istft_torch(magnitude: torch.Tensor, phase: torch.Tensor, cfg: HiFTConfig | 
     magnitude = torch.clip(torch.as_tensor(magnitude), max=cfg.magnitude_max)
     phase = torch.as_tensor(phase)
     spec = torch.complex(magnitude * torch.cos(phase), magnitude * torch.sin(phase))
-    window = torch.from_numpy(hann_window_np(cfg.n_fft)).to(magnitude.device)
+    window = torch.from_numpy(hann(cfg.n_fft)).to(magnitude.device)
     audio = torch.istft(spec, cfg.n_fft, cfg.hop_length, cfg.n_fft, window=window)
     return torch.clamp(audio, -cfg.audio_limit, cfg.audio_limit)
 

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from actors.dsp import slaney_mel_filterbank
 from export.chatterbox.spec import GraphSpec, Inputs, Tolerance
 
 FSQ_DIMS = 8      # projected dims, one ternary digit each
@@ -48,46 +49,6 @@ class S3TokenizerConfig:
 
 # ---------------------------------------------------------------------------
 # Computed buffers
-
-
-def _hz_to_mel_slaney(f: np.ndarray) -> np.ndarray:
-    f = np.asarray(f, dtype=np.float64)
-    f_sp = 200.0 / 3
-    mel = f / f_sp
-    min_log_hz = 1000.0
-    min_log_mel = min_log_hz / f_sp
-    logstep = np.log(6.4) / 27.0
-    return np.where(f >= min_log_hz, min_log_mel + np.log(np.maximum(f, 1e-30) / min_log_hz) / logstep, mel)
-
-
-def _mel_to_hz_slaney(m: np.ndarray) -> np.ndarray:
-    m = np.asarray(m, dtype=np.float64)
-    f_sp = 200.0 / 3
-    min_log_hz = 1000.0
-    min_log_mel = min_log_hz / f_sp
-    logstep = np.log(6.4) / 27.0
-    return np.where(m >= min_log_mel, min_log_hz * np.exp(logstep * (m - min_log_mel)), f_sp * m)
-
-
-def slaney_mel_filterbank(sr: int, n_fft: int, n_mels: int, fmin: float = 0.0,
-                          fmax: float | None = None) -> np.ndarray:
-    """Slaney-scale, Slaney-normalised triangular mel filters [n_mels, n_fft//2 + 1] (float32).
-
-    The same construction as librosa.filters.mel with its defaults (htk=False,
-    norm="slaney"), including where it rounds to float32, so the result is
-    bit-compatible with the filters the official model builds at start-up.
-    """
-    fmax = sr / 2 if fmax is None else fmax
-    fft_freqs = np.fft.rfftfreq(n_fft, d=1.0 / sr)
-    mel_pts = np.linspace(_hz_to_mel_slaney(fmin), _hz_to_mel_slaney(fmax), n_mels + 2)
-    hz_pts = _mel_to_hz_slaney(mel_pts)
-    widths = np.diff(hz_pts)
-    dist = hz_pts[:, None] - fft_freqs[None, :]
-    rising = -dist[:-2] / widths[:-1, None]
-    falling = dist[2:] / widths[1:, None]
-    weights = np.maximum(0.0, np.minimum(rising, falling)).astype(np.float32)
-    area_norm = 2.0 / (hz_pts[2:n_mels + 2] - hz_pts[:n_mels])
-    return (weights * area_norm[:, None]).astype(np.float32)
 
 
 def computed_buffers(cfg: S3TokenizerConfig | None = None) -> dict[str, torch.Tensor]:
