@@ -1,9 +1,7 @@
 """CFM estimator (S3Gen flow decoder): checkpoint names, ONNX export/verification, Euler/CFG solver."""
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -15,16 +13,9 @@ from export.chatterbox.cfm import (
 )
 from export.chatterbox.config import build_config, load_preset
 from export.chatterbox.graph_io import export_graph, verify_graph
+from export.chatterbox.official_layout import section
 
-STATE_DICTS = Path(__file__).resolve().parents[2] / "shared" / "chatterbox" / "official_state_dicts.json"
 PREFIX = "flow.decoder.estimator."
-
-
-def _official_shapes() -> dict[str, list[int]]:
-    if not STATE_DICTS.is_file():
-        pytest.skip(f"{STATE_DICTS} not available")
-    sd = json.loads(STATE_DICTS.read_text())["s3gen.safetensors"]
-    return {k[len(PREFIX):]: list(v) for k, v in sd.items() if k.startswith(PREFIX)}
 
 
 def _randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -76,7 +67,7 @@ def test_presets_build():
 
 
 def test_full_size_state_dict_equals_checkpoint():
-    want = _official_shapes()
+    want = section("s3gen.safetensors", PREFIX)
     assert len(want) == 910
     with torch.device("meta"):
         model = CFMEstimator(CFMConfig())
@@ -86,7 +77,7 @@ def test_full_size_state_dict_equals_checkpoint():
 
 
 def test_strict_load_of_official_named_state_dict():
-    shapes = _official_shapes()
+    shapes = section("s3gen.safetensors", PREFIX)
     g = torch.Generator().manual_seed(0)
     sd = {k: torch.randn(s, generator=g) * 0.02 for k, s in shapes.items()}
     with torch.device("meta"):

@@ -17,7 +17,8 @@ import onnx
 import pytest
 import torch
 
-from actors.bundle import BundleError, load_bundle, sha256_file, write_manifest
+from actors.bundle import load_bundle, sha256_file, write_manifest
+from actors.errors import BundleError
 from actors.storage import StorageOptions
 from export.chatterbox.bundle_writer import FP16_TOLERANCE, GRAPHS, INT8_LM
 from export.chatterbox.checkpoint import (COMPONENTS, T3_WRAP_PREFIX, Checkpoint, CheckpointError, ModelConfig,
@@ -25,7 +26,7 @@ from export.chatterbox.checkpoint import (COMPONENTS, T3_WRAP_PREFIX, Checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
-# The graph contract (shared/chatterbox/FACTS.md); t3_lm's KV names are checked separately.
+# The graph contract (docs/architecture.md, "the graph contract"); t3_lm's KV names are checked separately.
 CONTRACT = {
     "ve": (["mels"], ["embeds"]),
     "campplus": (["fbank"], ["xvector"]),
@@ -350,6 +351,8 @@ BROKEN = {
     "missing key": (lambda d: _edit_safetensors(d / "t3_cfg.safetensors",
                                                 lambda sd: sd.pop("speech_head.weight")),
                     "t3_cfg.safetensors: 1 missing keys: speech_head.weight"),
+    "misnamed file": (lambda d: shutil.copyfile(d / "ve.safetensors", d / "t3_cfg.safetensors"),
+                      "its keys are those of the official ve.safetensors, not t3_cfg.safetensors"),
     "bad tokenizer": (lambda d: (d / "tokenizer.json").write_text("{not json"),
                       "tokenizer.json is not a readable tokenizers JSON file"),
     "corrupt conds": (lambda d: (d / "conds.pt").write_bytes(b"nope"), "conds.pt is not a readable torch file"),
@@ -377,3 +380,4 @@ def test_cli_reports_checkpoint_errors(tiny_ckpt, tmp_path):
     # a full-size export of a tiny checkpoint names the shape mismatch
     proc = export_cli("--checkpoint", str(tiny_ckpt), "--out", str(out))
     assert proc.returncode == 2 and "ve.safetensors" in proc.stderr and "wrong shape" in proc.stderr
+    assert "it holds a model of other sizes" in proc.stderr

@@ -1,10 +1,7 @@
 """S3Gen flow token encoder (`flow.*` minus `flow.decoder.*`) and its `s3gen_encoder` graph."""
 from __future__ import annotations
 
-import json
 import math
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,23 +13,12 @@ from export.chatterbox.flow_encoder import (
     build_flow_encoder, graph_specs,
 )
 from export.chatterbox.graph_io import export_graph, run_onnx, session, verify_graph
-
-REPO = Path(__file__).resolve().parents[1]
-STATE_DICTS_CANDIDATES = [
-    os.environ.get("CHATTERBOX_STATE_DICTS", ""),
-    REPO / "export" / "chatterbox" / "official_state_dicts.json",
-    REPO / "tests" / "data" / "chatterbox_official_state_dicts.json",
-    Path("/work/shared/chatterbox/official_state_dicts.json"),
-]
+from export.chatterbox.official_layout import section
 
 
 def official_flow_shapes() -> dict[str, list[int]]:
-    for cand in STATE_DICTS_CANDIDATES:
-        if cand and Path(cand).is_file():
-            s3gen = json.loads(Path(cand).read_text())["s3gen.safetensors"]
-            return {k[len("flow."):]: v for k, v in s3gen.items()
-                    if k.startswith("flow.") and not k.startswith("flow.decoder.")}
-    pytest.skip("official_state_dicts.json not found")
+    """The released `flow.` keys less the decoder (the CFM estimator, tested in test_cb_cfm.py)."""
+    return {k: v for k, v in section("s3gen.safetensors", "flow.").items() if not k.startswith("decoder.")}
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,6 @@
 """HiFT vocoder: official names/shapes, DFT-conv STFT, receptive-field margins, ONNX graphs."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -14,17 +11,9 @@ from export.chatterbox.hift import (
     HiFTConfig, HiFTGenerator, build_hift, draw_sine_randomness, fade_in_torch, graph_specs,
     istft_torch, sine_generator_torch, stft_conv, stft_torch, tail_margins, vocode_torch,
 )
+from export.chatterbox.official_layout import section
 
-STATE_DICTS = Path(__file__).resolve().parents[2] / "shared" / "chatterbox" / "official_state_dicts.json"
 PREFIX = "mel2wav."
-
-
-def official_shapes() -> dict[str, list[int]]:
-    path = STATE_DICTS if STATE_DICTS.is_file() else Path("/work/shared/chatterbox/official_state_dicts.json")
-    if not path.is_file():
-        pytest.skip("official_state_dicts.json not available")
-    sd = json.loads(path.read_text())["s3gen.safetensors"]
-    return {k[len(PREFIX):]: v for k, v in sd.items() if k.startswith(PREFIX)}
 
 
 @pytest.fixture(scope="module")
@@ -59,13 +48,13 @@ def test_full_size_names_and_shapes_match_official():
     with torch.device("meta"):
         model = HiFTGenerator(HiFTConfig())
     ours = {k: list(v.shape) for k, v in model.state_dict().items()}
-    want = official_shapes()
+    want = section("s3gen.safetensors", PREFIX)
     assert sorted(set(ours) ^ set(want)) == []
     assert {k: v for k, v in ours.items() if want[k] != v} == {}
 
 
 def test_strict_load_of_official_named_state_dict():
-    want = official_shapes()
+    want = section("s3gen.safetensors", PREFIX)
     g = torch.Generator().manual_seed(3)
     sd = {k: torch.randn(v, generator=g) for k, v in want.items()}
     model = HiFTGenerator(HiFTConfig())

@@ -7,7 +7,6 @@ matching the contract and verifying against torch (batch 1 and padded batch).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +17,7 @@ import torch
 from export.chatterbox import campplus, s3tokenizer, voice_encoder
 from export.chatterbox.config import build_config, load_preset
 from export.chatterbox.graph_io import export_graph, run_torch, verify_graph
-
-OFFICIAL = Path(__file__).resolve().parents[2] / "shared" / "chatterbox" / "official_state_dicts.json"
+from export.chatterbox.official_layout import section
 
 COMPONENTS = {
     # name: (module, model class, config class, preset section, checkpoint file, key prefix)
@@ -31,18 +29,6 @@ COMPONENTS = {
                     "s3tokenizer", "s3gen.safetensors", "tokenizer."),
 }
 COMPUTED = ("_mel_filters", "window")
-
-
-@pytest.fixture(scope="module")
-def official() -> dict:
-    if not OFFICIAL.is_file():
-        pytest.skip(f"{OFFICIAL} not available")
-    with open(OFFICIAL) as f:
-        return json.load(f)
-
-
-def _section(official: dict, ckpt: str, prefix: str) -> dict[str, list[int]]:
-    return {k[len(prefix):]: v for k, v in official[ckpt].items() if k.startswith(prefix)}
 
 
 def _random_state_dict(shapes: dict[str, list[int]], device: str = "cpu", seed: int = 0) -> dict:
@@ -65,9 +51,9 @@ def _random_state_dict(shapes: dict[str, list[int]], device: str = "cpu", seed: 
 
 
 @pytest.mark.parametrize("name", list(COMPONENTS))
-def test_full_size_state_dict_matches_official(official, name):
+def test_full_size_state_dict_matches_official(name):
     _, cls, _, _, ckpt, prefix = COMPONENTS[name]
-    want = _section(official, ckpt, prefix)
+    want = section(ckpt, prefix)
     assert want, f"no {prefix!r} keys in {ckpt}"
     with torch.device("meta"):
         model = cls()
@@ -82,9 +68,9 @@ def test_full_size_state_dict_matches_official(official, name):
 
 
 @pytest.mark.parametrize("name", ["voice_encoder", "campplus"])
-def test_full_size_strict_load_of_official_names(official, name):
+def test_full_size_strict_load_of_official_names(name):
     _, cls, _, _, ckpt, prefix = COMPONENTS[name]
-    sd = _random_state_dict(_section(official, ckpt, prefix))
+    sd = _random_state_dict(section(ckpt, prefix))
     model = cls()
     model.load_state_dict(sd, strict=True)
     for k, v in model.state_dict().items():
@@ -96,9 +82,10 @@ def test_full_size_strict_load_of_official_names(official, name):
         cls().load_state_dict(missing, strict=True)
 
 
-def test_tokenizer_released_keys_plus_computed_buffers_load_strict(official):
-    released = {k: v for k, v in _section(official, "s3gen.safetensors", "tokenizer.").items() if k not in COMPUTED}
-    assert len(released) == len(_section(official, "s3gen.safetensors", "tokenizer.")) - 2
+def test_tokenizer_released_keys_plus_computed_buffers_load_strict():
+    tokenizer = section("s3gen.safetensors", "tokenizer.")
+    released = {k: v for k, v in tokenizer.items() if k not in COMPUTED}
+    assert len(released) == len(tokenizer) - 2
     with torch.device("meta"):
         model = s3tokenizer.S3Tokenizer()
     with pytest.raises(RuntimeError, match="_mel_filters"):

@@ -1,14 +1,10 @@
 """Full-size modules carry exactly the official names and shapes of the three checkpoint files.
 
-`official_state_dicts.json` lists every parameter/buffer name and shape of the official
-modules per checkpoint file.  CI runs a clean clone with `../shared` beside it; the file
-is looked up there (relative to the repository root) and its absence is a failure.
+`official_layout()` (export/chatterbox/official_layout.json, package data) lists every
+parameter/buffer name and shape of the official modules per checkpoint file.
 Everything here is built on the meta device: no weights are allocated.
 """
 from __future__ import annotations
-
-import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,21 +12,14 @@ import torch
 from export.chatterbox import s3gen as s3gen_mod
 from export.chatterbox.checkpoint import (CheckpointError, ModelConfig, TensorFile, check_shapes,
                                           component_shapes)
+from export.chatterbox.official_layout import official_layout
 from export.chatterbox.s3gen import S3Gen, S3GenConfig
 from export.chatterbox.t3 import T3, T3Config
 from export.chatterbox.voice_encoder import VoiceEncoder
 
-REPO = Path(__file__).resolve().parents[1]
-OFFICIAL = REPO.parent / "shared" / "chatterbox" / "official_state_dicts.json"
 
-
-@pytest.fixture(scope="module")
-def official() -> dict[str, dict[str, list[int]]]:
-    if not OFFICIAL.is_file():
-        pytest.fail(f"official state-dict list not found at {OFFICIAL} "
-                    "(CI expects ../shared/chatterbox/ beside the repository)")
-    with open(OFFICIAL) as f:
-        return json.load(f)
+def _released(file: str) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v) for k, v in official_layout()[file].items()}
 
 
 def _meta_tensors(shapes: dict[str, list[int]]) -> dict[str, torch.Tensor]:
@@ -49,19 +38,19 @@ BUILDERS = {
 
 
 @pytest.mark.parametrize("file", list(BUILDERS))
-def test_names_and_shapes_equal_official(official, file):
+def test_names_and_shapes_equal_official(file):
     with torch.device("meta"):
         model = BUILDERS[file]()
-    ours, want = _shapes(model), official[file]
+    ours, want = _shapes(model), official_layout()[file]
     assert sorted(set(want) - set(ours)) == [], "missing in our module"
     assert sorted(set(ours) - set(want)) == [], "not in the official module"
     assert {k: v for k, v in ours.items() if v != want[k]} == {}
 
 
 @pytest.mark.parametrize("file", list(BUILDERS))
-def test_strict_load_of_official_key_set(official, file):
+def test_strict_load_of_official_key_set(file):
     """The released key set loads with strict=True (s3gen: plus the computed tokenizer buffers)."""
-    want = dict(official[file])
+    want = dict(official_layout()[file])
     with torch.device("meta"):
         model = BUILDERS[file]()
     released = {k: v for k, v in want.items() if k not in s3gen_mod.COMPUTED_BUFFERS} \
@@ -85,7 +74,7 @@ def test_strict_load_of_official_key_set(official, file):
         other.load_state_dict({**sd, "no_such.weight": torch.empty(1, device="meta")}, strict=True, assign=True)
 
 
-def test_s3gen_sections_cover_the_file(official):
+def test_s3gen_sections_cover_the_file():
     """The exporter loads s3gen one section at a time; together the sections are the whole file."""
     cfg = ModelConfig.from_preset("full")
     covered: dict[str, tuple[int, ...]] = {}
@@ -93,16 +82,16 @@ def test_s3gen_sections_cover_the_file(official):
         part = component_shapes(comp, cfg)
         assert not set(part) & set(covered), comp
         covered.update(part)
-    want = {k: tuple(v) for k, v in official["s3gen.safetensors"].items()}
+    want = _released("s3gen.safetensors")
     assert covered == want
-    assert component_shapes("ve", cfg) == {k: tuple(v) for k, v in official["ve.safetensors"].items()}
-    assert component_shapes("t3", cfg) == {k: tuple(v) for k, v in official["t3_cfg.safetensors"].items()}
+    assert component_shapes("ve", cfg) == _released("ve.safetensors")
+    assert component_shapes("t3", cfg) == _released("t3_cfg.safetensors")
     assert s3gen_mod.expected_shapes(cfg.s3gen) == want
 
 
-def test_checkpoint_key_check_names_the_problem(official):
+def test_checkpoint_key_check_names_the_problem():
     """The checks the exporter runs on a checkpoint's key set, with the full-size expectations."""
-    expected = {k: tuple(v) for k, v in official["t3_cfg.safetensors"].items()}
+    expected = _released("t3_cfg.safetensors")
     check_shapes("t3_cfg.safetensors", expected, dict(expected))
     got = dict(expected)
     got.pop("text_head.weight")
@@ -116,9 +105,29 @@ def test_checkpoint_key_check_names_the_problem(official):
     assert "unexpected keys: extra.bias" in msg
     assert "speech_head.weight (expected [8194, 1024], got [8193, 1024])" in msg
     # released s3gen files lack the computed buffers: optional, not missing
-    s3 = {k: tuple(v) for k, v in official["s3gen.safetensors"].items()}
+    s3 = _released("s3gen.safetensors")
     released = {k: v for k, v in s3.items() if k not in s3gen_mod.COMPUTED_BUFFERS}
     check_shapes("s3gen.safetensors", s3, released, optional=s3gen_mod.COMPUTED_BUFFERS)
+
+
+def test_checkpoint_key_check_hints_from_the_released_layout():
+    """With the official file named, the message says what the released layout suggests went wrong."""
+    t3, ve = _released("t3_cfg.safetensors"), _released("ve.safetensors")
+    with pytest.raises(CheckpointError) as err:
+        check_shapes("ckpt/t3_cfg.safetensors", t3, ve, file="t3_cfg.safetensors")
+    msg = str(err.value)
+    assert f"0 of the {len(t3)} expected keys present" in msg
+    assert "its keys are those of the official ve.safetensors, not t3_cfg.safetensors" in msg
+    # released full-size weights against the tiny config, and the other way round
+    tiny = component_shapes("ve", ModelConfig.from_preset("tiny"))
+    with pytest.raises(CheckpointError, match="file has the released full-size shapes but the model config"):
+        check_shapes("ckpt/ve.safetensors", tiny, ve, file="ve.safetensors")
+    with pytest.raises(CheckpointError, match="it holds a model of other sizes"):
+        check_shapes("ckpt/ve.safetensors", ve, tiny, file="ve.safetensors")
+    # no file named, no hint
+    with pytest.raises(CheckpointError) as err:
+        check_shapes("ckpt/t3_cfg.safetensors", t3, ve)
+    assert "official" not in str(err.value)
 
 
 def test_legacy_weight_norm_names_are_renamed(tmp_path):

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -15,15 +13,8 @@ from export.chatterbox.config import build_config, load_preset
 from export.chatterbox.graph_io import export_graph, session, verify_graph
 from export.chatterbox.lm_verify import (INT8_MIN_AGREEMENT, quantize_lm, verify_lm,
                                          verify_lm_int8)
+from export.chatterbox.official_layout import section
 from export.chatterbox.t3 import LM_TOLERANCE, T3, T3Config, graph_specs, lm_spec, seeded_init
-
-OFFICIAL = Path(__file__).resolve().parents[2] / "shared" / "chatterbox" / "official_state_dicts.json"
-
-
-@pytest.fixture(scope="module")
-def official_t3() -> dict[str, list[int]]:
-    with open(OFFICIAL) as f:
-        return json.load(f)["t3_cfg.safetensors"]
 
 
 @pytest.fixture(scope="module")
@@ -42,18 +33,19 @@ def exported(tiny, tmp_path_factory):
     return specs, paths
 
 
-def test_full_size_state_dict_matches_official(official_t3):
+def test_full_size_state_dict_matches_official():
+    want = section("t3_cfg.safetensors")
     with torch.device("meta"):
         model = T3(T3Config())
     ours = {k: list(v.shape) for k, v in model.state_dict().items()}
-    assert sorted(set(ours) ^ set(official_t3)) == []
-    assert ours == official_t3
+    assert sorted(set(ours) ^ set(want)) == []
+    assert ours == want
 
 
-def test_full_size_strict_load_of_official_names(official_t3):
+def test_full_size_strict_load_of_official_names():
     with torch.device("meta"):
         model = T3(T3Config())
-        sd = {k: torch.empty(shape) for k, shape in official_t3.items()}
+        sd = {k: torch.empty(shape) for k, shape in section("t3_cfg.safetensors").items()}
     model.load_state_dict(sd, strict=True, assign=True)
     missing = dict(sd)
     missing.pop("text_head.weight")

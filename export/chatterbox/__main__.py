@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from actors.bundle import BundleError
+from actors.errors import BundleError
 from actors.storage import StorageOptions
 from export.chatterbox.graph_io import EXTERNAL_DATA_BYTES
 

@@ -43,7 +43,7 @@ FAMILY = "chatterbox"
 SAMPLE_RATE = 24000
 EXPORTER = "export.chatterbox"
 
-# The graph contract (shared/chatterbox/FACTS.md), in bundle order, by component.
+# The graph contract (docs/architecture.md, "the graph contract"), in bundle order, by component.
 COMPONENT_GRAPHS: dict[str, tuple[str, ...]] = {
     "ve": ("ve",),
     "t3": ("t3_cond", "t3_text_embed", "t3_speech_embed", "t3_lm"),

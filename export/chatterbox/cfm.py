@@ -19,7 +19,7 @@ Padding: every convolution sees its input multiplied by the frame mask and
 attention ignores masked keys, so a right-padded row yields, on its valid
 frames, what the row alone yields.  The velocity is zero on masked frames.
 
-Graph contract (`cfm_estimator.onnx`, see shared/chatterbox/FACTS.md):
+Graph contract (`cfm_estimator.onnx`, see docs/architecture.md, "the graph contract"):
 `x` [B,80,T], `mask` [B,1,T], `mu` [B,80,T], `t` [B], `spks` [B,80], `cond` [B,80,T]
 -> `velocity` [B,80,T].
 """

@@ -13,7 +13,9 @@ Official layout (a copy of the Hugging Face repo, local directory or s3:// prefi
 
 Every file's keys and shapes are checked against our modules (built on the meta
 device) before anything is loaded; problems raise `CheckpointError` naming the
-file and the keys.  Modules are built and loaded one at a time (`load(component)`),
+file and the keys, with hints from the released layout (official_layout.py): a
+file holding another file's keys, or released full-size shapes against another
+size config.  Modules are built and loaded one at a time (`load(component)`),
 so a full-size export holds at most one sub-model in memory.
 """
 from __future__ import annotations
@@ -35,6 +37,7 @@ from actors.storage import StorageOptions, is_s3, join
 from export.chatterbox import s3gen as s3gen_mod
 from export.chatterbox.config import build_config, load_preset
 from export.chatterbox.hift import build_hift
+from export.chatterbox.official_layout import matching_file, official_layout
 from export.chatterbox.s3gen import S3GenConfig
 from export.chatterbox.t3 import T3, T3Config, seeded_init
 from export.chatterbox.voice_encoder import VoiceEncoder, VoiceEncoderConfig
@@ -126,21 +129,46 @@ def _format_list(items: list, what: str) -> str:
 
 
 def check_shapes(label: str, expected: dict[str, tuple[int, ...]], got: dict[str, tuple[int, ...]],
-                 optional: tuple[str, ...] = ()) -> None:
-    """Raise CheckpointError naming missing, unexpected and wrongly shaped keys."""
+                 optional: tuple[str, ...] = (), file: str | None = None) -> None:
+    """Raise CheckpointError naming missing, unexpected and wrongly shaped keys.
+
+    `file` names the official checkpoint file `got` should follow (`t3_cfg.safetensors`,
+    ...); the message then also says what the released layout suggests went wrong.
+    """
     missing = sorted(set(expected) - set(got) - set(optional))
     unexpected = sorted(set(got) - set(expected))
-    wrong = [f"{k} (expected {list(expected[k])}, got {list(got[k])})"
-             for k in sorted(expected) if k in got and tuple(got[k]) != tuple(expected[k])]
+    wrong_keys = [k for k in sorted(expected) if k in got and tuple(got[k]) != tuple(expected[k])]
+    wrong = [f"{k} (expected {list(expected[k])}, got {list(got[k])})" for k in wrong_keys]
     problems = []
     if missing:
         problems.append(_format_list(missing, "missing keys"))
+        problems.append(f"{len(set(expected) & set(got))} of the {len(expected)} expected keys present")
     if unexpected:
         problems.append(_format_list(unexpected, "unexpected keys"))
     if wrong:
         problems.append(_format_list(wrong, "keys with the wrong shape"))
+    if problems and file is not None:
+        problems += _layout_hints(file, expected, got, wrong_keys)
     if problems:
         raise CheckpointError(f"{label}: " + "; ".join(problems))
+
+
+def _layout_hints(file: str, expected: dict[str, tuple[int, ...]], got: dict[str, tuple[int, ...]],
+                  wrong_keys: list[str]) -> list[str]:
+    """What the released layout says about a mismatch: a misnamed file, or a size-config mismatch."""
+    other = matching_file(got)
+    if other is not None and other != file:
+        return [f"its keys are those of the official {other}, not {file}: misnamed file?"]
+    if not wrong_keys:
+        return []
+    released = official_layout()[file]
+    if all(released.get(k) == list(got[k]) for k in wrong_keys):
+        return ["the file has the released full-size shapes but the model config does not: "
+                "use the full size preset"]
+    if all(released.get(k) == list(expected[k]) for k in wrong_keys):
+        return ["the model config has the released full-size shapes but the file does not: "
+                "it holds a model of other sizes, so use a config of its sizes"]
+    return []
 
 
 # --------------------------------------------------------------------------- tensor files
@@ -418,7 +446,7 @@ class Checkpoint(Source):
         else:
             expected = s3gen_mod.expected_shapes(self.cfg.s3gen)
             optional = s3gen_mod.COMPUTED_BUFFERS
-        check_shapes(file.label, expected, file.shapes(), optional=optional)
+        check_shapes(file.label, expected, file.shapes(), optional=optional, file=name)
 
     # ---- Source
     def load(self, component: str) -> nn.Module:
@@ -431,7 +459,7 @@ class Checkpoint(Source):
         if component == "flow":      # the estimator is its own component
             got = {k: v for k, v in got.items() if not k.startswith(s3gen_mod.ESTIMATOR_PREFIX)}
         optional = s3gen_mod.COMPUTED_BUFFERS if component == "tokenizer" else ()
-        check_shapes(file.label, expected, got, optional=optional)
+        check_shapes(file.label, expected, got, optional=optional, file=name)
         copy_into(model, file, prefix)
         return model.eval()
 

@@ -2,7 +2,7 @@
 
 The released file holds four sub-models under fixed prefixes; `S3Gen` gives
 each its released attribute name so that `S3Gen(...).state_dict()` has exactly
-the official keys (see shared/chatterbox/official_state_dicts.json):
+the official keys (see official_layout.json):
 
     tokenizer.*        S3Tokenizer (s3tokenizer.py; `_mel_filters`/`window` are computed buffers)
     speaker_encoder.*  CAMPPlus (campplus.py)

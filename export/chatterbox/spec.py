@@ -20,7 +20,7 @@ class Tolerance:
 
 @dataclass
 class GraphSpec:
-    """One ONNX graph of the bundle contract (see ../shared/chatterbox/FACTS.md).
+    """One ONNX graph of the bundle contract (see docs/architecture.md, "the graph contract").
 
     `module` is a torch wrapper whose forward takes the inputs positionally in
     `input_names` order and returns a tuple in `output_names` order.

@@ -11,7 +11,7 @@ in eval mode:
 * a Llama backbone (llama.py) over input embeddings with an explicit KV cache,
   then `speech_head` over the final-normed hidden states.
 
-Graphs (contract in shared/chatterbox/FACTS.md): t3_cond, t3_text_embed,
+Graphs (contract in docs/architecture.md, "the graph contract"): t3_cond, t3_text_embed,
 t3_speech_embed, t3_lm.  See `graph_specs`.
 
 One extension of the contract: a negative id in `text_tokens` gives a zero token
