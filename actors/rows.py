@@ -1,15 +1,19 @@
-"""Per-row bookkeeping for stages: status, error message and timings of every row."""
+"""Per-row state that travels with every batch through every stage: `status` and `error`."""
 from __future__ import annotations
 
-from collections import defaultdict
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
 OK, ERROR = "ok", "error"
+Batch = dict[str, np.ndarray]
 
 
-def column(batch: dict[str, np.ndarray], name: str, i: int) -> Any:
+def batch_len(batch: Batch) -> int:
+    return len(next(iter(batch.values()))) if batch else 0
+
+
+def value(batch: Batch, name: str, i: int) -> Any:
     """Row i of an optional column (None when the column is absent or the value null).
 
     Nulls reach a numpy batch as None or as NaN, depending on how Ray converted the block.
@@ -17,41 +21,38 @@ def column(batch: dict[str, np.ndarray], name: str, i: int) -> Any:
     values = batch.get(name)
     if values is None:
         return None
-    value = values[i]
-    if value is None or (isinstance(value, (float, np.floating)) and np.isnan(value)):
+    v = values[i]
+    if v is None or (isinstance(v, (float, np.floating)) and np.isnan(v)):
         return None
-    return value
+    return v
 
 
-class RowResults:
-    """Status of each row of a batch; rows that an earlier step failed stay failed."""
+class RowStatus:
+    """Which rows of a batch are still alive, and why the others failed (the first cause is kept)."""
 
-    def __init__(self, batch: dict[str, np.ndarray]) -> None:
-        n = len(next(iter(batch.values())))
+    def __init__(self, errors: list[str | None]) -> None:
+        self.errors = errors
+
+    @classmethod
+    def of(cls, batch: Batch) -> "RowStatus":
+        """The status a batch arrives with: rows an earlier stage (or the driver) failed stay failed."""
+        n = batch_len(batch)
         status, error = batch.get("status"), batch.get("error")
-        self.errors: list[str | None] = [
-            (str(error[i]) if error is not None else "failed earlier") if status is not None and status[i] == ERROR
-            else None for i in range(n)]
-        self.times: dict[str, np.ndarray] = defaultdict(lambda: np.zeros(n, dtype=np.float64))
+        if status is None:
+            return cls([None] * n)
+        return cls([None if status[i] == OK else str(error[i] if error is not None else "") or "failed earlier"
+                    for i in range(n)])
 
-    def fail(self, i: int, message: str) -> None:
-        if self.errors[i] is None:  # keep the first cause
-            self.errors[i] = message
+    def __len__(self) -> int:
+        return len(self.errors)
 
     def ok(self, i: int) -> bool:
         return self.errors[i] is None
 
-    def add_time(self, i: int, stage: str, seconds: float) -> None:
-        self.times[stage][i] += seconds
+    def fail(self, i: int, message: str) -> None:
+        if self.errors[i] is None:
+            self.errors[i] = message
 
-    def to_columns(self, batch: dict[str, np.ndarray], audio: np.ndarray, sample_rate: int,
-                   stages: Iterable[str]) -> dict[str, np.ndarray]:
-        out = dict(batch)
-        out["audio"] = audio
-        out["sample_rate"] = np.full(len(audio), sample_rate, dtype=np.int32)
-        out["duration_s"] = np.array([len(a) / sample_rate for a in audio], dtype=np.float64)
-        out["status"] = np.array([OK if e is None else ERROR for e in self.errors], dtype=object)
-        out["error"] = np.array(["" if e is None else e for e in self.errors], dtype=object)
-        for stage in stages:
-            out[f"time_{stage}_s"] = self.times[stage]
-        return out
+    def columns(self) -> Batch:
+        return {"status": np.array([OK if e is None else ERROR for e in self.errors], dtype=object),
+                "error": np.array(["" if e is None else e for e in self.errors], dtype=object)}

@@ -5,7 +5,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-Batch = dict[str, np.ndarray]
+from actors.rows import Batch
 
 
 def iter_batches(columns: Batch, batch_size: int) -> Iterator[Batch]:
@@ -27,6 +27,7 @@ def run_local(stages: Sequence[Callable[[Batch], Batch]], columns: Batch, batch_
 def _concat(parts: list[np.ndarray]) -> np.ndarray:
     if parts[0].dtype == object:
         out = np.empty(sum(len(p) for p in parts), dtype=object)
-        out[:] = [x for p in parts for x in p]
+        for i, x in enumerate(x for p in parts for x in p):  # element-wise: equal-length arrays must not broadcast
+            out[i] = x
         return out
     return np.concatenate(parts)

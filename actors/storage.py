@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
@@ -48,6 +49,15 @@ class StorageOptions:
                           session_token=self.session_token)
         return pafs.S3FileSystem(**kwargs)
 
+    def boto3_client(self):
+        """A boto3 S3 client with the same settings: for the conditional writes pyarrow lacks."""
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint_url if not self.endpoint_url or "://" in self.endpoint_url
+                            else f"http://{self.endpoint_url}", region_name=self.region or "us-east-1",
+                            aws_access_key_id=self.access_key, aws_secret_access_key=self.secret_key,
+                            aws_session_token=self.session_token)
+
     def resolve(self, uri: str) -> tuple[pafs.FileSystem, str]:
         """The filesystem for `uri` and the path to use with it."""
         if is_s3(uri):
@@ -58,3 +68,29 @@ class StorageOptions:
 def join(uri: str, *parts: str) -> str:
     return "/".join([uri.rstrip("/"), *parts])
 
+
+
+def write_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    """`data` appears under `path` whole or not at all.
+
+    Locally it is written under a hidden temporary name in the same directory and
+    renamed, so a killed process or a full disk never leaves a partial file under
+    the final name; on S3 an object exists only once its single PUT (or a completed
+    multipart upload) succeeded.
+    """
+    if not isinstance(fs, pafs.LocalFileSystem):
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+        return
+    head, _, name = path.rpartition("/")
+    tmp = f"{head}/.{name}.{uuid.uuid4().hex[:12]}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise

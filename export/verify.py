@@ -18,7 +18,8 @@ import json
 import os
 import sys
 
-from actors.bundle import BundleError, load_bundle
+from actors.bundle import load_bundle
+from actors.errors import BundleError
 from actors.storage import StorageOptions
 
 
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         family = load_bundle(args.bundle, storage).family
         if family == "vits":
-            from export.vits import verify_batched
+            from actors.vits.piper import verify_batched
             report = {"bundle": args.bundle, "passed": True,
                       "batched": verify_batched(load_bundle(args.bundle, storage).path)}
         elif family == "chatterbox":

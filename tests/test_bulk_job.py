@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 import soundfile as sf
 
 from jobs.bulk_synth import EXAMPLE_MANIFEST, JobArgs, main, run_job
-from jobs.manifest import PARTS_DIR
+from jobs.store import PARTS_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "test.yaml")
@@ -148,7 +149,7 @@ def test_job_submission_never_imports_torch(ray_cluster, tmp_path):
     config.write_text(Path(CONFIG).read_text().replace("actors.vits.VitsStage", "tests.probes.TorchFreeVitsStage"))
     client = JobSubmissionClient(f"http://{ray_cluster.dashboard_url}")
     job = client.submit_job(
-        entrypoint=f"python tests/probes.py --output {tmp_path / 'out'} --config {config}",
+        entrypoint=f"{sys.executable} tests/probes.py --output {tmp_path / 'out'} --config {config}",
         runtime_env={"working_dir": str(REPO), "excludes": ["out/", ".git/"],
                      "env_vars": {"VOXRAY_CACHE": os.environ["VOXRAY_CACHE"]}})
     deadline = time.monotonic() + 240

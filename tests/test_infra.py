@@ -18,9 +18,9 @@ def test_rayjob_entrypoint_names_real_files_and_options():
 
     args = parse_args(argv[2:])
     assert args.manifest.startswith("s3://") and args.output.startswith("s3://")
-    from jobs.job_config import load_job_config
+    from jobs.config import load_pipeline
 
-    load_job_config(args.config)
+    load_pipeline(args.config)
 
 
 def test_cluster_definitions_agree_on_ray_version_and_zero_cpu_head():
@@ -38,6 +38,6 @@ def test_dockerfile_copies_every_package():
     text = (REPO / "infra/Dockerfile").read_text()
     import tomllib
 
-    packages = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
-    for top in {p.split(".")[0] for p in packages} | {"configs"}:
+    packages = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    for top in {p.rstrip("*") for p in packages} | {"configs"}:
         assert f"COPY --chown=ray:users {top} {top}" in text, top

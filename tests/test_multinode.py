@@ -36,7 +36,7 @@ def test_actor_pool_spreads_over_nodes_and_every_row_lands_once(three_nodes, tmp
     # 1.5 of each node's 2 CPUs per actor: two actors only fit on two different worker nodes,
     # and each node keeps room for read and write tasks
     config.write_text((REPO / "configs" / "test.yaml").read_text()
-                      .replace("num_cpus: 0.5", "num_cpus: 1.5").replace("min_size: 1", "min_size: 2"))
+                      .replace("num_cpus: 0.5", "num_cpus: 1.5").replace("min_actors: 1", "min_actors: 2"))
     n = 12
     manifest = tmp_path / "m.parquet"
     pq.write_table(pa.table({"id": [f"n{i}" for i in range(n)],

@@ -9,9 +9,11 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
-from actors.bundle import BundleError, load_bundle
+from actors.bundle import load_bundle
+from actors.errors import BundleError
 from actors.storage import StorageOptions
 from jobs.bulk_synth import main
+from tests.conftest import REPO
 
 
 def upload_dir(client, bucket: str, prefix: str, local, manifest_edit=None) -> None:
@@ -80,3 +82,56 @@ def test_job_reads_and_writes_s3(ray_cluster, s3_env, s3_client, s3_bundle):
         assert sr == 22050 and abs(len(audio) / sr - rows[row_id]["duration_s"]) < 1e-3
     keys = [o["Key"] for o in s3_client.list_objects_v2(Bucket=bucket, Prefix="runs/one/")["Contents"]]
     assert not [k for k in keys if "_results_parts" in k and k.endswith(".parquet")]
+
+
+def test_two_stage_pipeline_on_ray_with_s3_in_and_out(ray_cluster, s3_env, s3_client, s3_bundle, tmp_path):
+    """Front end and graph as separate pools; intermediates go through the object store, not files."""
+    bucket = s3_env["bucket"]
+    config = tmp_path / "two.yaml"
+    config.write_text((REPO / "configs" / "vits-two-stage.yaml").read_text()
+                      .replace("num_cpus: 1}", "num_cpus: 0.5}").replace("rows_per_block: 32", "rows_per_block: 2"))
+    table = pa.table({"id": ["t-a", "t-b", "t-c", "t-bad"], "group": [1, 1, 2, 2],
+                      "text": ["First of four.", "Second, a bit longer than the first.", "Third.", " "]})
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    s3_client.put_object(Bucket=bucket, Key="manifests/two.parquet", Body=buf.getvalue())
+    out = f"s3://{bucket}/runs/two"
+    code = main(["--manifest", f"s3://{bucket}/manifests/two.parquet", "--output", out, "--bundle", s3_bundle,
+                 "--endpoint-url", s3_env["endpoint"], "--config", str(config), "--format", "flac"])
+    assert code == 1
+    body = s3_client.get_object(Bucket=bucket, Key="runs/two/results.parquet")["Body"].read()
+    rows = {r["id"]: r for r in pq.read_table(io.BytesIO(body)).to_pylist()}
+    assert sorted(rows) == ["t-a", "t-b", "t-bad", "t-c"]
+    assert rows["t-bad"]["status"] == "error" and rows["t-bad"]["error"] == "empty text"
+    assert [rows[i]["group"] for i in ("t-a", "t-c")] == [1, 2]
+    for row_id in ("t-a", "t-b", "t-c"):
+        row = rows[row_id]
+        assert row["status"] == "ok" and row["time_phonemize_s"] > 0 and row["time_vits_s"] > 0
+        data = s3_client.get_object(Bucket=bucket, Key=f"runs/two/audio/{row_id}.flac")["Body"].read()
+        audio, sr = sf.read(io.BytesIO(data))
+        assert sr == 22050 and abs(len(audio) / sr - row["duration_s"]) < 1e-3
+    keys = [o["Key"] for o in s3_client.list_objects_v2(Bucket=bucket, Prefix="runs/two/")["Contents"]]
+    assert "runs/two/_voxray.lock" not in keys
+    assert not [k for k in keys if "_results_parts/" in k and k.endswith(".parquet")]
+
+
+def test_s3_output_lock_refuses_a_live_holder_and_takes_over_a_dead_one(ray_cluster, s3_env, s3_client, tmp_path,
+                                                                       capsys):
+    import json
+    import os
+    import time
+
+    bucket = s3_env["bucket"]
+    manifest = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"id": ["l-a"], "text": ["Locked out."]}), manifest)
+    args = ["--manifest", str(manifest), "--output", f"s3://{bucket}/runs/locked", "--config", "test.yaml",
+            "--endpoint-url", s3_env["endpoint"]]
+    live = {"run_id": "live-run", "host": os.uname().nodename, "pid": os.getpid(), "heartbeat": time.time()}
+    s3_client.put_object(Bucket=bucket, Key="runs/locked/_voxray.lock", Body=json.dumps(live).encode())
+    assert main(args) == 2
+    assert "is in use by run live-run" in capsys.readouterr().err
+    dead = {**live, "run_id": "dead-run", "host": "another-host", "heartbeat": time.time() - 3600}
+    s3_client.put_object(Bucket=bucket, Key="runs/locked/_voxray.lock", Body=json.dumps(dead).encode())
+    assert main(args) == 0
+    keys = [o["Key"] for o in s3_client.list_objects_v2(Bucket=bucket, Prefix="runs/locked/")["Contents"]]
+    assert "runs/locked/_voxray.lock" not in keys and "runs/locked/audio/l-a.wav" in keys

@@ -7,10 +7,13 @@ import shutil
 import numpy as np
 import pytest
 
-from actors.bundle import BundleError, load_bundle
+from actors.backends import Backend
+from actors.bundle import load_bundle
+from actors.errors import BundleError
 from actors.runner import run_local
-from actors.vits import VitsStage
-from export.vits import ATOL, import_piper_voice, main as export_main
+from actors.vits import VitsFrontend, VitsStage, VitsSynth
+from actors.vits.piper import ATOL, import_piper_voice
+from export.vits import main as export_main
 
 
 def columns(**cols):
@@ -19,7 +22,8 @@ def columns(**cols):
 
 @pytest.fixture(scope="module")
 def stage(default_bundle):
-    return VitsStage(str(default_bundle), threads=2, sentence_silence_s=0.1)
+    return VitsStage(load_bundle(str(default_bundle)), backend=Backend(threads=2),
+                     options={"sentence_silence_s": 0.1})
 
 
 def test_default_bundle_manifest_and_verification(default_bundle):
@@ -65,7 +69,7 @@ def test_import_rejects_a_graph_that_is_not_vits(tmp_path):
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
     onnx.save(helper.make_model(graph), str(tmp_path / "m.onnx"))
     (tmp_path / "m.onnx.json").write_text(json.dumps({"audio": {"sample_rate": 16000}}))
-    with pytest.raises(ValueError, match="not a VITS"):
+    with pytest.raises(BundleError, match="not a VITS"):
         import_piper_voice(tmp_path / "m.onnx", tmp_path / "m.onnx.json", tmp_path / "out")
 
 
@@ -79,7 +83,7 @@ def test_zero_noise_is_deterministic_and_batching_does_not_change_rows(stage):
     for a, b, c in zip(together["audio"], again["audio"], alone["audio"]):
         assert np.array_equal(a, b)
         assert a.shape == c.shape and np.abs(a - c).max() <= ATOL
-    durations = together["duration_s"]
+    durations = [len(a) for a in together["audio"]]
     assert durations[0] < durations[2] < durations[1] < durations[3]
 
 
@@ -94,8 +98,8 @@ def test_bad_rows_fail_alone_with_clear_messages(stage):
     assert errors[1] == errors[2] == errors[6] == "empty text"
     assert "over the limit of 5000" in errors[3]
     assert "unknown speaker 'bob'" in errors[4]
-    assert "length_scale=50.0" in errors[5]
-    assert out["duration_s"][0] > 0.3 and all(len(a) == 0 for a in out["audio"][1:])
+    assert "length_scale=50 is out of range (must be <= 10)" in errors[5]
+    assert len(out["audio"][0]) > 0.3 * stage.sample_rate and all(len(a) == 0 for a in out["audio"][1:])
 
 
 def test_long_text_is_split_and_joined_in_order(stage):

@@ -1,0 +1,52 @@
+"""The one piece of Ray glue that chains any pipeline: each stage a `map_batches` actor pool.
+
+Intermediate columns (phoneme ids, tokens, mels, audio) move from pool to pool
+through Ray's object store; nothing is written to files between stages.
+"""
+from __future__ import annotations
+
+import ray
+
+from actors.bundle import Bundle, load_bundle
+from actors.rows import Batch
+from actors.stage import Stage
+from actors.storage import StorageOptions
+from jobs.config import PipelineSpec, StageSpec
+
+
+def build_stage(spec: StageSpec, bundle: Bundle | str, storage: StorageOptions | None = None,
+                device: str | None = None) -> Stage:
+    """A stage from its pipeline entry; `device` overrides the configured one (the driver's CPU probe)."""
+    if not isinstance(bundle, Bundle):
+        bundle = load_bundle(bundle, storage)
+    backend = spec.backend if device is None else spec.backend.model_copy(update={"device": device})
+    return spec.stage_class()(bundle, options=spec.options, backend=backend, name=spec.name)
+
+
+def build_stages(pipeline: PipelineSpec, storage: StorageOptions | None = None) -> list[Stage]:
+    bundle = load_bundle(pipeline.bundle, storage)
+    return [build_stage(s, bundle, storage) for s in pipeline.stages]
+
+
+class StageUDF:
+    """A stage inside a Ray Data actor (constructor kwargs only: the bundle loads in the actor)."""
+
+    def __init__(self, spec: StageSpec, bundle: str, storage: StorageOptions) -> None:
+        self.stage = build_stage(spec, bundle, storage)
+
+    def __call__(self, batch: Batch) -> Batch:
+        return self.stage(batch)
+
+
+def add_stages(ds: ray.data.Dataset, pipeline: PipelineSpec, storage: StorageOptions) -> ray.data.Dataset:
+    """`ds` through every stage of `pipeline` in order, each in its own actor pool."""
+    for spec in pipeline.stages:
+        pool = spec.pool
+        extra = {"max_concurrency": pool.max_concurrency} if pool.max_concurrency > 1 else {}
+        ds = ds.map_batches(
+            StageUDF, fn_constructor_kwargs={"spec": spec, "bundle": pipeline.bundle, "storage": storage},
+            compute=ray.data.ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors,
+                                               max_tasks_in_flight_per_actor=pool.max_tasks_in_flight),
+            batch_size=pool.batch_size, num_cpus=pool.num_cpus, num_gpus=pool.num_gpus or None,
+            batch_format="numpy", **extra)
+    return ds
