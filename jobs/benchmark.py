@@ -44,6 +44,13 @@ def make_rows(n: int) -> pa.Table:
     return pa.table({"id": [f"bench-{i:05d}" for i in range(n)], "text": [texts[i % len(texts)] for i in range(n)]})
 
 
+def cpu_model() -> str:
+    try:
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def rate(audio_s: float, wall_s: float, **extra) -> dict:
     return {"wall_s": round(wall_s, 2), "audio_s": round(audio_s, 2), "audio_s_per_s": round(audio_s / wall_s, 3),
             **extra}
@@ -112,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     table = make_rows(args.rows)
     cores = os.cpu_count() or 1
     report: dict = {"config": str(find_config(args.config)), "bundle": bundle.manifest.get("name"),
-                    "rows": args.rows, "machine": {"cpus": cores, "cpu": platform.processor() or platform.machine(),
+                    "rows": args.rows, "machine": {"cpus": cores, "cpu": cpu_model(),
                                                    "python": platform.python_version(), "ray": ray.__version__},
                     "pools": {s.name: s.pool.model_dump() | {"threads": s.backend.threads} for s in pipeline.stages}}
     texts = table.column("text").to_pylist()

@@ -5,7 +5,8 @@
 
 Exit status: 0 every row of the manifest ok, 1 some rows failed (everything else
 was written), 2 the job could not start (bad manifest, config, bundle, output or
-arguments; nothing was synthesized), 130 interrupted (what finished was written).
+arguments; nothing was synthesized) or its results file could not be written,
+130 interrupted (what finished was written).
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from jobs.config import FORMATS, PipelineSpec, load_pipeline
 from jobs.manifest import read_speaker_manifest, read_text_manifest
 from jobs.pipeline import add_stages, build_stage
 from jobs.sink import AudioDatasink
-from jobs.store import RESULTS_FILE, OutputStore
+from jobs.store import RESULTS_FILE, OutputError, OutputStore
 
 EXAMPLE_MANIFEST = Path(__file__).resolve().parent / "examples" / "hello.parquet"
 log = logging.getLogger("voxray.bulk_synth")
@@ -146,8 +147,12 @@ def run_job(args: JobArgs) -> JobSummary:
                 log.exception("the job stopped early")
                 cause = getattr(e, "cause", None) or e  # a worker's exception, unwrapped
                 error = f"{type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[0]}"
-        results = store.consolidate(manifest.drop_columns(
-            [c for c in manifest.column_names if c in pipeline.input_columns() and c != "id"]))
+        try:
+            results = store.consolidate(manifest.drop_columns(
+                [c for c in manifest.column_names if c in pipeline.input_columns() and c != "id"]))
+        except (OSError, pa.ArrowException) as e:
+            raise OutputError(f"cannot write {join(args.output, RESULTS_FILE)} ({str(e).splitlines()[0]}); "
+                              "the finished rows' parts stay and the next run merges them") from None
     mine = results.filter(pc.is_in(results.column("id"), value_set=manifest.column("id")))
     ok = pc.fill_null(pc.equal(mine.column("status"), OK), False)
     n_ok = int(pc.sum(ok).as_py() or 0)
@@ -164,7 +169,9 @@ def run_job(args: JobArgs) -> JobSummary:
 
 
 def _run(work: pa.Table, pipeline: PipelineSpec, store: OutputStore, storage: StorageOptions) -> None:
-    step = pipeline.io.rows_per_block
+    # at most rows_per_block rows per block, and at least one block per starting actor of the widest pool
+    widest = max(s.pool.min_actors for s in pipeline.stages)
+    step = max(1, min(pipeline.io.rows_per_block, -(-work.num_rows // widest)))
     ds = ray.data.from_arrow([work.slice(i, step) for i in range(0, work.num_rows, step)])
     ds = add_stages(ds, pipeline, storage)
     ds.write_datasink(AudioDatasink(store.uri, storage, pipeline.format, keep=pipeline.result_columns()),
