@@ -11,7 +11,7 @@ from actors.backends import Backend
 from actors.bundle import load_bundle
 from actors.errors import BundleError
 from actors.runner import run_local
-from actors.vits import VitsFrontend, VitsStage, VitsSynth
+from actors.vits import VitsStage
 from actors.vits.piper import ATOL, import_piper_voice
 from export.vits import main as export_main
 

