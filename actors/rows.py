@@ -43,9 +43,6 @@ class RowStatus:
         return cls([None if status[i] == OK else str(error[i] if error is not None else "") or "failed earlier"
                     for i in range(n)])
 
-    def __len__(self) -> int:
-        return len(self.errors)
-
     def ok(self, i: int) -> bool:
         return self.errors[i] is None
 

@@ -5,12 +5,11 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from actors.rows import Batch
+from actors.rows import Batch, batch_len
 
 
 def iter_batches(columns: Batch, batch_size: int) -> Iterator[Batch]:
-    n = len(next(iter(columns.values())))
-    for start in range(0, n, batch_size):
+    for start in range(0, batch_len(columns), batch_size):
         yield {k: v[start:start + batch_size] for k, v in columns.items()}
 
 

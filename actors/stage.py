@@ -26,6 +26,7 @@ to the rows that broke it, which fail alone with the exception's message.
 from __future__ import annotations
 
 import math
+import operator
 import time
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Mapping
@@ -39,6 +40,7 @@ from actors.errors import BundleError, ConfigError, describe_validation_error
 from actors.rows import Batch, RowStatus, batch_len, value
 
 Kind = Literal["str", "float", "int", "array", "bytes"]
+_HOLDS = {">": operator.gt, ">=": operator.ge, "<=": operator.le}
 
 
 @dataclass(frozen=True)
@@ -65,18 +67,21 @@ class Column:
                 raise ValueError(f"{name}={v!r} is not a number") from None
             if math.isnan(number):
                 raise ValueError(f"{name} is NaN")
-            for bound, ok, op in ((self.gt, lambda b: number > b, ">"), (self.ge, lambda b: number >= b, ">="),
-                                  (self.le, lambda b: number <= b, "<=")):
-                if bound is not None and not ok(bound):
+            for op, bound in self.bounds:
+                if not _HOLDS[op](number, bound):
                     raise ValueError(f"{name}={number:g} is out of range (must be {op} {bound:g})")
             return int(number) if self.kind == "int" else number
         if self.kind == "str" and not isinstance(v, str):
             raise ValueError(f"{name}={v!r} is not a string")
         return v
 
+    @property
+    def bounds(self) -> list[tuple[str, float]]:
+        """The range as (comparison, bound) pairs a valid value satisfies, e.g. [(">=", 0.1), ("<=", 10)]."""
+        return [(op, b) for op, b in ((">", self.gt), (">=", self.ge), ("<=", self.le)) if b is not None]
+
     def range_text(self) -> str:
-        parts = [f"{op} {b:g}" for b, op in ((self.gt, ">"), (self.ge, ">="), (self.le, "<=")) if b is not None]
-        return " and ".join(parts)
+        return " and ".join(f"{op} {b:g}" for op, b in self.bounds)
 
     def fill(self, n: int) -> np.ndarray:
         """Values for rows without output (failed rows)."""

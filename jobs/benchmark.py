@@ -36,7 +36,7 @@ from actors.bundle import Bundle, load_bundle
 from actors.runner import run_local
 from jobs.bulk_synth import EXAMPLE_MANIFEST, JobArgs, run_job
 from jobs.config import PipelineSpec, find_config, load_pipeline
-from jobs.pipeline import build_stage
+from jobs.pipeline import build_stages
 
 
 def make_rows(n: int) -> pa.Table:
@@ -74,10 +74,9 @@ BASELINES: dict[str, Callable[[Bundle, list[str], str], dict]] = {"vits": piper_
 """The reference each family is measured against, by bundle family."""
 
 
-def in_process(pipeline: PipelineSpec, bundle: Bundle, table: pa.Table, cores: int) -> dict:
+def in_process(pipeline: PipelineSpec, table: pa.Table, cores: int) -> dict:
     """Every stage in this process with all the cores, batches of the first pool's size, encoding included."""
-    stages = [build_stage(s.model_copy(update={"backend": s.backend.model_copy(update={"threads": cores})}), bundle)
-              for s in pipeline.stages]
+    stages = build_stages(pipeline, threads=cores)
     columns = {name: np.array(table.column(name).to_pylist(), dtype=object) for name in table.column_names}
     run_local(stages, {k: v[:1] for k, v in columns.items()}, 1)  # warm-up: lazy loads, first-call costs
     start = time.perf_counter()
@@ -125,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     texts = table.column("text").to_pylist()
     if pipeline.family in BASELINES:
         report["reference"] = BASELINES[pipeline.family](bundle, texts, pipeline.format)
-    report["in_process"] = in_process(pipeline, bundle, table, cores)
+    report["in_process"] = in_process(pipeline, table, cores)
     report["ray_job"] = ray_job(args.config, pipeline.bundle, table)
     ray_rate = report["ray_job"]["audio_s_per_s"]
     report["ratios"] = {"ray_job_vs_in_process": round(ray_rate / report["in_process"]["audio_s_per_s"], 3)}

@@ -32,7 +32,7 @@ from actors.rows import ERROR, OK
 from actors.storage import StorageOptions, join
 from jobs.config import FORMATS, PipelineSpec, load_pipeline
 from jobs.manifest import read_speaker_manifest, read_text_manifest
-from jobs.pipeline import add_stages, build_stage
+from jobs.pipeline import add_stages, build_stages
 from jobs.sink import AudioDatasink
 from jobs.store import RESULTS_FILE, OutputError, OutputStore
 
@@ -77,8 +77,7 @@ class JobInterrupted(Exception):
 
 def _probe(pipeline: PipelineSpec, storage: StorageOptions) -> None:
     """Build every stage once on CPU: graphs load, IO names match bundle.json, reduced precisions pass."""
-    for spec in pipeline.stages:
-        build_stage(spec, pipeline.bundle, storage, device="cpu")
+    build_stages(pipeline, storage, device="cpu")
 
 
 def _check_stages_load(pipeline: PipelineSpec, storage: StorageOptions, num_cpus: float) -> None:

@@ -23,6 +23,7 @@ _KINDS = {
     "float": (pa.types.is_integer, pa.types.is_floating),
     "int": (pa.types.is_integer,),
 }
+_VIOLATES = {">": pc.less_equal, ">=": pc.less, "<=": pc.greater}
 
 
 class ManifestError(VoxrayError):
@@ -67,9 +68,8 @@ def _check_column(table: pa.Table, name: str, column: Column, what: str) -> None
         return
     numbers = pc.cast(values, pa.float64())
     bad = pc.is_nan(numbers)
-    for bound, op in ((column.gt, pc.less_equal), (column.ge, pc.less), (column.le, pc.greater)):
-        if bound is not None:
-            bad = pc.or_(bad, op(numbers, bound))
+    for op, bound in column.bounds:
+        bad = pc.or_(bad, _VIOLATES[op](numbers, bound))
     bad = pc.fill_null(bad, False)
     count = pc.sum(bad).as_py() or 0
     if count:

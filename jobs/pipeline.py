@@ -15,17 +15,18 @@ from jobs.config import PipelineSpec, StageSpec
 
 
 def build_stage(spec: StageSpec, bundle: Bundle | str, storage: StorageOptions | None = None,
-                device: str | None = None) -> Stage:
-    """A stage from its pipeline entry; `device` overrides the configured one (the driver's CPU probe)."""
+                **backend: object) -> Stage:
+    """A stage from its pipeline entry; `backend` overrides configured backend fields (e.g. device="cpu")."""
     if not isinstance(bundle, Bundle):
         bundle = load_bundle(bundle, storage)
-    backend = spec.backend if device is None else spec.backend.model_copy(update={"device": device})
-    return spec.stage_class()(bundle, options=spec.options, backend=backend, name=spec.name)
+    return spec.stage_class()(bundle, options=spec.options, backend=spec.backend.model_copy(update=backend),
+                              name=spec.name)
 
 
-def build_stages(pipeline: PipelineSpec, storage: StorageOptions | None = None) -> list[Stage]:
+def build_stages(pipeline: PipelineSpec, storage: StorageOptions | None = None, **backend: object) -> list[Stage]:
+    """Every stage of `pipeline` in order, sharing one loaded bundle."""
     bundle = load_bundle(pipeline.bundle, storage)
-    return [build_stage(s, bundle, storage) for s in pipeline.stages]
+    return [build_stage(s, bundle, storage, **backend) for s in pipeline.stages]
 
 
 class StageUDF:
