@@ -3,7 +3,8 @@
 A stage is a plain Python class, Ray-agnostic, used unchanged by Ray Data actor
 pools (bulk jobs) and the in-process runner, and meant for Ray Serve deployments:
 
-    stage = SomeStage(bundle, options={...}, backend=Backend(...), sessions=None, name=None)
+    stage = SomeStage(bundle, options={...}, backend=Backend(...), sessions=None, name=None,
+                      storage=None, cache=None)
     out = stage(batch)            # batch: dict of equal-length numpy columns
 
 A subclass declares what it reads and writes, and implements `process`:
@@ -38,6 +39,7 @@ from actors.backends import Backend, Session, open_session, relative_error
 from actors.bundle import Bundle
 from actors.errors import BundleError, ConfigError, describe_validation_error
 from actors.rows import Batch, RowStatus, batch_len, value
+from actors.storage import StorageOptions
 
 Kind = Literal["str", "float", "int", "array", "bytes"]
 _HOLDS = {">": operator.gt, ">=": operator.ge, "<=": operator.le}
@@ -126,7 +128,8 @@ class Stage:
 
     def __init__(self, bundle: Bundle, *, options: StageOptions | Mapping[str, Any] | None = None,
                  backend: Backend | None = None, sessions: Mapping[str, Session] | None = None,
-                 name: str | None = None) -> None:
+                 name: str | None = None, storage: StorageOptions | None = None,
+                 cache: str | None = None) -> None:
         if bundle.family != self.family:
             raise BundleError(f"{type(self).__name__} runs on {self.family!r} bundles; "
                               f"{bundle.path} is a {bundle.family!r} bundle")
@@ -134,6 +137,10 @@ class Stage:
         self.name = name or type(self).name
         self.options = self.Options.parse(options, f"stage {self.name!r}")
         self.backend = backend or Backend()
+        self.storage = storage or StorageOptions.from_env()
+        self.cache = cache
+        """A folder (local or s3://) where the stage may keep what it computed for later runs
+        (the bulk job passes `<output>/_cache`); None: nothing is kept beyond the process."""
         given = dict(sessions or {})
         self.sessions: dict[str, Session] = {g: given[g] if g in given else bundle.open(g, self.backend)
                                              for g in self.graphs}

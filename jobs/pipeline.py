@@ -15,37 +15,41 @@ from jobs.config import PipelineSpec, StageSpec
 
 
 def build_stage(spec: StageSpec, bundle: Bundle | str, storage: StorageOptions | None = None,
-                **backend: object) -> Stage:
+                cache: str | None = None, **backend: object) -> Stage:
     """A stage from its pipeline entry; `backend` overrides configured backend fields (e.g. device="cpu")."""
     if not isinstance(bundle, Bundle):
         bundle = load_bundle(bundle, storage)
     return spec.stage_class()(bundle, options=spec.options, backend=spec.backend.model_copy(update=backend),
-                              name=spec.name)
+                              name=spec.name, storage=storage, cache=cache)
 
 
-def build_stages(pipeline: PipelineSpec, storage: StorageOptions | None = None, **backend: object) -> list[Stage]:
+def build_stages(pipeline: PipelineSpec, storage: StorageOptions | None = None, cache: str | None = None,
+                 **backend: object) -> list[Stage]:
     """Every stage of `pipeline` in order, sharing one loaded bundle."""
     bundle = load_bundle(pipeline.bundle, storage)
-    return [build_stage(s, bundle, storage, **backend) for s in pipeline.stages]
+    return [build_stage(s, bundle, storage, cache, **backend) for s in pipeline.stages]
 
 
 class StageUDF:
     """A stage inside a Ray Data actor (constructor kwargs only: the bundle loads in the actor)."""
 
-    def __init__(self, spec: StageSpec, bundle: str, storage: StorageOptions) -> None:
-        self.stage = build_stage(spec, bundle, storage)
+    def __init__(self, spec: StageSpec, bundle: str, storage: StorageOptions, cache: str | None) -> None:
+        self.stage = build_stage(spec, bundle, storage, cache)
 
     def __call__(self, batch: Batch) -> Batch:
         return self.stage(batch)
 
 
-def add_stages(ds: ray.data.Dataset, pipeline: PipelineSpec, storage: StorageOptions) -> ray.data.Dataset:
-    """`ds` through every stage of `pipeline` in order, each in its own actor pool."""
+def add_stages(ds: ray.data.Dataset, pipeline: PipelineSpec, storage: StorageOptions,
+               cache: str | None = None) -> ray.data.Dataset:
+    """`ds` through every stage of `pipeline` in order, each in its own actor pool; `cache` is
+    where stages keep what later runs can reuse (e.g. voice conditionings)."""
     for spec in pipeline.stages:
         pool = spec.pool
         extra = {"max_concurrency": pool.max_concurrency} if pool.max_concurrency > 1 else {}
         ds = ds.map_batches(
-            StageUDF, fn_constructor_kwargs={"spec": spec, "bundle": pipeline.bundle, "storage": storage},
+            StageUDF, fn_constructor_kwargs={"spec": spec, "bundle": pipeline.bundle, "storage": storage,
+                                                   "cache": cache},
             compute=ray.data.ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors,
                                                max_tasks_in_flight_per_actor=pool.max_tasks_in_flight),
             batch_size=pool.batch_size, num_cpus=pool.num_cpus, num_gpus=pool.num_gpus or None,

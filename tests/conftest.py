@@ -57,6 +57,17 @@ def default_bundle(voxray_cache) -> Path:
     return ensure_default_bundle()
 
 
+@pytest.fixture(scope="session")
+def cb_tiny_bundle(tmp_path_factory) -> Path:
+    """A tiny seeded random-init Chatterbox bundle (the full graph contract at toy sizes; ~6 s to export)."""
+    out = tmp_path_factory.mktemp("cb-tiny") / "bundle"
+    proc = subprocess.run([sys.executable, "-m", "export.chatterbox", "--random-init", "--config", "tiny",
+                           "--seed", "0", "--out", str(out), "--threads", "1", "--quiet"],
+                          cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
 @pytest.fixture(scope="module")
 def ray_cluster(voxray_cache, default_bundle):
     """One local Ray cluster per test module (dashboard on loopback for job submission);
