@@ -125,6 +125,10 @@ class Stage:
     provides: ClassVar[Mapping[str, Column]] = {}
     drops: ClassVar[tuple[str, ...]] = ()
     graphs: ClassVar[tuple[str, ...]] = ()
+    once_per: ClassVar[tuple[str, str] | None] = None
+    """(input column, outcome column): rows with equal input values get equal outputs, which the stage
+    caches (under `cache`) and reports per row in the outcome column as "computed", "memory" or "store".
+    The bulk job first runs the stage on one row per distinct value, so each is computed once."""
 
     def __init__(self, bundle: Bundle, *, options: StageOptions | Mapping[str, Any] | None = None,
                  backend: Backend | None = None, sessions: Mapping[str, Session] | None = None,
@@ -146,6 +150,7 @@ class Stage:
                                              for g in self.graphs}
         self.precision_errors = {g: self._verify_precision(g) for g in self.graphs
                                  if g not in given and self.backend.precision != "f32"}
+        self._calls = self._rows_in = 0
 
     def process(self, batch: Batch, rows: RowStatus) -> Batch:
         """Every provided column for every row of `batch` (all alive when called)."""
@@ -161,8 +166,14 @@ class Stage:
         v = value(batch, name, i)
         return default if v is None else self.requires[name].check(name, v)
 
+    def batch_stats(self) -> dict[str, float]:
+        """Batches this instance has seen: calls and mean rows per call (stages add their own figures)."""
+        return {"calls": self._calls, "rows_per_call": round(self._rows_in / max(self._calls, 1), 2)}
+
     def __call__(self, batch: Batch) -> Batch:
         n = batch_len(batch)
+        self._calls += 1
+        self._rows_in += n
         rows = RowStatus.of(batch)
         out = {name: column.fill(n) for name, column in self.provides.items()}
         elapsed = np.zeros(n, dtype=np.float64)

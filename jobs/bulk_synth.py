@@ -67,6 +67,9 @@ class JobSummary:
     interrupted: bool = False
     error: str | None = None
     """Why the run stopped early, if it did (its rows without a result are marked failed)."""
+    computed_once: dict[str, int] | None = None
+    """For a stage computing once per value (voice conditioning): values `computed` by this run and
+    rows that `reused` a cached result."""
 
 
 class JobInterrupted(Exception):
@@ -92,19 +95,61 @@ def _check_stages_load(pipeline: PipelineSpec, storage: StorageOptions, num_cpus
         raise BundleError(f"bundle {pipeline.bundle}: the stages cannot be built: {cause!r}") from None
 
 
-def _work(manifest: pa.Table, pipeline: PipelineSpec, known_speakers: frozenset[str] | None,
+def _work(manifest: pa.Table, pipeline: PipelineSpec, speakers: dict[str, str] | None,
           done: pa.Array) -> pa.Table:
     """The rows left to do, as the stages need them: id, the columns they read, and status/error
-    for rows that fail before any stage (a speaker missing from the speaker manifest)."""
+    for rows that fail before any stage (a speaker missing from the speaker manifest).
+
+    Stages that clone a voice read `reference_audio`: the speaker manifest's `audio_uri` of the
+    row's `speaker_id` (a URI given in the text manifest itself wins)."""
     todo = manifest.filter(pc.invert(pc.is_in(manifest.column("id"), value_set=done)))
-    todo = todo.select(["id", *(c for c in pipeline.input_columns() if c in todo.column_names)])
+    wanted = pipeline.input_columns()
+    todo = todo.select(["id", *(c for c in wanted if c in todo.column_names)])
     status = [OK] * todo.num_rows
     error = [""] * todo.num_rows
-    if known_speakers is not None and "speaker_id" in todo.column_names:
-        for i, speaker in enumerate(todo.column("speaker_id").to_pylist()):
-            if speaker not in (None, "") and speaker not in known_speakers:
+    ids = todo.column("speaker_id").to_pylist() if "speaker_id" in todo.column_names else [None] * todo.num_rows
+    if speakers is not None:
+        for i, speaker in enumerate(ids):
+            if speaker not in (None, "") and speaker not in speakers:
                 status[i], error[i] = ERROR, f"unknown speaker {speaker!r} (not in the speaker manifest)"
+    if "reference_audio" in wanted:
+        given = todo.column("reference_audio").to_pylist() if "reference_audio" in todo.column_names \
+            else [None] * todo.num_rows
+        refs = [g or (speakers or {}).get(s) for g, s in zip(given, ids)]
+        todo = todo.drop_columns([c for c in ("reference_audio",) if c in todo.column_names])
+        todo = todo.append_column("reference_audio", pa.array(refs, pa.string()))
     return todo.append_column("status", pa.array(status)).append_column("error", pa.array(error))
+
+
+def _compute_once(work: pa.Table, pipeline: PipelineSpec, storage: StorageOptions,
+                  cache: str) -> tuple[pa.Table, tuple[int, str] | None]:
+    """Run the first stage that computes once per value (e.g. a voice per reference) on one row per
+    distinct value, so its cache is filled before the rows arrive; rows whose value failed fail now
+    with that value's error. Returns the work rows, how many values were computed and the outcome column."""
+    for spec in pipeline.stages:
+        column, outcome = spec.stage_class().once_per or (None, None)
+        if column in work.column_names:
+            break
+    else:
+        return work, None
+    pending = work.filter(pc.equal(work.column("status"), OK)).column(column)
+    values = [v for v in pc.unique(pending).to_pylist() if v]
+    if not values:
+        return work, (0, outcome)
+    first = pa.table({"id": [f"{column}-{k}" for k in range(len(values))], column: values,
+                      "status": [OK] * len(values), "error": [""] * len(values)})
+    once = pipeline.model_copy(update={"stages": [spec]})
+    done = add_stages(ray.data.from_arrow(first), once, storage, cache).select_columns(
+        [column, "status", "error", outcome]).take_all()
+    failed = {r[column]: r["error"] for r in done if r["status"] != OK}
+    computed = sum(1 for r in done if r[outcome] == "computed")
+    status, error = work.column("status").to_pylist(), work.column("error").to_pylist()
+    for i, v in enumerate(work.column(column).to_pylist()):
+        if status[i] == OK and v in failed:
+            status[i], error[i] = ERROR, failed[v]
+    work = work.set_column(work.column_names.index("status"), "status", pa.array(status))
+    work = work.set_column(work.column_names.index("error"), "error", pa.array(error))
+    return work, (computed, outcome)
 
 
 def run_job(args: JobArgs) -> JobSummary:
@@ -121,24 +166,26 @@ def run_job(args: JobArgs) -> JobSummary:
         raise BundleError(f"bundle {pipeline.bundle} is a {bundle.family!r} bundle; pipeline "
                           f"{pipeline.source} runs {pipeline.family!r} bundles")
     manifest = read_text_manifest(args.manifest, storage, pipeline)
-    known = None
+    speakers = None
     if args.speakers:
-        known = frozenset(read_speaker_manifest(args.speakers, storage).column("speaker_id").to_pylist())
+        table = read_speaker_manifest(args.speakers, storage)
+        speakers = dict(zip(table.column("speaker_id").to_pylist(), table.column("audio_uri").to_pylist()))
     store = OutputStore(args.output, storage)
     store.check_writable()
     run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
     with store.lock(run_id):
         before, _ = store.read_results()
         done = pc.unique(before.filter(pc.equal(before.column("status"), OK)).column("id"))
-        work = _work(manifest, pipeline, known, done)
+        work = _work(manifest, pipeline, speakers, done)
         log.info("manifest %s: %d rows, %d already done", args.manifest, manifest.num_rows,
                  manifest.num_rows - work.num_rows)
-        interrupted, error = False, None
+        interrupted, error, once = False, None, None
         if work.num_rows:
             if not ray.is_initialized():
                 ray.init(logging_level=logging.WARNING)
             _check_stages_load(pipeline, storage, pipeline.io.num_cpus)
             try:
+                work, once = _compute_once(work, pipeline, storage, store.cache)
                 _run(work, pipeline, store, storage)
             except KeyboardInterrupt:
                 interrupted = True
@@ -161,10 +208,19 @@ def run_job(args: JobArgs) -> JobSummary:
         done_now=n_ok - skipped,
         audio_seconds=round(float(pc.sum(mine.filter(ok).column("duration_s")).as_py() or 0.0), 2),
         wall_seconds=round(time.perf_counter() - start, 2), results=join(args.output, RESULTS_FILE),
-        interrupted=interrupted, error=error)
+        interrupted=interrupted, error=error,
+        computed_once=once and {"computed": once[0], "reused": _reused(mine, work, once[1])})
     if interrupted:
         raise JobInterrupted(summary)
     return summary
+
+
+def _reused(results: pa.Table, work: pa.Table, outcome: str) -> int:
+    """Rows of this run whose once-per-value result came from a cache rather than being computed."""
+    if outcome not in results.column_names:
+        return 0
+    now = results.filter(pc.is_in(results.column("id"), value_set=work.column("id")))
+    return int(pc.sum(pc.is_in(now.column(outcome), value_set=pa.array(["memory", "store"]))).as_py() or 0)
 
 
 def _run(work: pa.Table, pipeline: PipelineSpec, store: OutputStore, storage: StorageOptions) -> None:
@@ -172,7 +228,7 @@ def _run(work: pa.Table, pipeline: PipelineSpec, store: OutputStore, storage: St
     widest = max(s.pool.min_actors for s in pipeline.stages)
     step = max(1, min(pipeline.io.rows_per_block, -(-work.num_rows // widest)))
     ds = ray.data.from_arrow([work.slice(i, step) for i in range(0, work.num_rows, step)])
-    ds = add_stages(ds, pipeline, storage)
+    ds = add_stages(ds, pipeline, storage, store.cache)
     ds.write_datasink(AudioDatasink(store.uri, storage, pipeline.format, keep=pipeline.result_columns()),
                       ray_remote_args={"num_cpus": pipeline.io.num_cpus})
 

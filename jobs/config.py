@@ -119,7 +119,8 @@ class IOSpec(_Strict):
 
 class PipelineSpec(_Strict):
     family: str
-    bundle: str = "default"
+    bundle: str | None = "default"
+    """A bundle dir, s3:// prefix or "default"; null: the job must be given --bundle."""
     format: Literal["wav", "flac"] = "wav"
     io: IOSpec = IOSpec()
     stages: list[StageSpec] = Field(min_length=1)
@@ -136,7 +137,10 @@ class PipelineSpec(_Strict):
     def with_overrides(self, bundle: str | None = None, fmt: str | None = None) -> "PipelineSpec":
         if fmt is not None and fmt not in FORMATS:
             raise ConfigError(f"format must be one of {list(FORMATS)}, got {fmt!r}")
-        return self.model_copy(update={k: v for k, v in (("bundle", bundle), ("format", fmt)) if v is not None})
+        spec = self.model_copy(update={k: v for k, v in (("bundle", bundle), ("format", fmt)) if v is not None})
+        if spec.bundle is None:
+            raise ConfigError(f"{self.source or 'pipeline'} names no bundle: give one with --bundle")
+        return spec
 
     def stage_classes(self) -> list[type[Stage]]:
         return [s.stage_class() for s in self.stages]

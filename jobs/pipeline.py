@@ -46,12 +46,18 @@ def add_stages(ds: ray.data.Dataset, pipeline: PipelineSpec, storage: StorageOpt
     where stages keep what later runs can reuse (e.g. voice conditionings)."""
     for spec in pipeline.stages:
         pool = spec.pool
-        extra = {"max_concurrency": pool.max_concurrency} if pool.max_concurrency > 1 else {}
+        # Concurrent calls run on threads of one actor: a stage such as T3 feeds them all into one loop.
+        threads = {"max_concurrent_calls_per_actor": pool.max_concurrency, "enable_true_multi_threading": True} \
+            if pool.max_concurrency > 1 else {}
+        # A class per stage names its actors (MapWorker(MapBatches(Stage_t3))) in logs, the dashboard, the state API.
+        udf = type(f"Stage_{spec.name}", (StageUDF,), {})
         ds = ds.map_batches(
-            StageUDF, fn_constructor_kwargs={"spec": spec, "bundle": pipeline.bundle, "storage": storage,
-                                                   "cache": cache},
+            udf, fn_constructor_kwargs={"spec": spec, "bundle": pipeline.bundle, "storage": storage,
+                                             "cache": cache},
             compute=ray.data.ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors,
-                                               max_tasks_in_flight_per_actor=pool.max_tasks_in_flight),
+                                               max_tasks_in_flight_per_actor=max(pool.max_tasks_in_flight,
+                                                                                 pool.max_concurrency),
+                                               **threads),
             batch_size=pool.batch_size, num_cpus=pool.num_cpus, num_gpus=pool.num_gpus or None,
-            batch_format="numpy", **extra)
+            batch_format="numpy")
     return ds

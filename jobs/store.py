@@ -4,6 +4,7 @@
     OUTPUT/_results_parts/part-*.parquet  one per write task of a running job
     OUTPUT/results.parquet             every id ever written here, its latest result
     OUTPUT/_damaged/                   unreadable parts or results set aside (their rows are redone)
+    OUTPUT/_cache/                     what stages keep for later runs (e.g. voice conditionings)
     OUTPUT/_voxray.lock                held by the one job writing here
 
 Every file appears under its final name only when complete (`write_atomic`).
@@ -40,6 +41,7 @@ RESULTS_FILE = "results.parquet"
 PARTS_DIR = "_results_parts"
 AUDIO_DIR = "audio"
 DAMAGED_DIR = "_damaged"
+CACHE_DIR = "_cache"
 LOCK_FILE = "_voxray.lock"
 LOCK_HEARTBEAT_S = 10.0
 LOCK_STALE_S = 60.0
@@ -105,6 +107,8 @@ class OutputStore:
     def __init__(self, uri: str, storage: StorageOptions) -> None:
         self.uri, self.storage = uri, storage
         self.fs, self.root = storage.resolve(uri)
+        self.cache = join(uri, CACHE_DIR)
+        """The folder stages keep reusable results in (`Stage.cache`)."""
 
     def path(self, *parts: str) -> str:
         return join(self.root, *parts)

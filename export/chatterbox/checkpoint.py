@@ -347,8 +347,13 @@ def _calibrate_batchnorm(model: nn.Module, feat_dim: int) -> None:
     x = torch.randn(4, 300, feat_dim) * 2.0
     x = x - x.mean(dim=1, keepdim=True)
     model.train()
-    with torch.no_grad():
-        model(x)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the statistics are weights: they must not depend on the thread count
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        torch.set_num_threads(threads)
     for bn in bns:
         bn.momentum = 0.1
     model.eval()

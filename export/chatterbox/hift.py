@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
+from actors.chatterbox.vocoder import draw_sine_randomness  # one draw order: the runtime's
 from actors.dsp import dft_basis, hann
 from export.chatterbox.spec import GraphSpec, Inputs, Tolerance
 
@@ -277,20 +278,6 @@ def build_hift(cfg: HiFTConfig | None = None, seed: int | None = None) -> HiFTGe
 
 
 # --------------------------------------------------------------------------- outside the graphs (torch references)
-
-def draw_sine_randomness(rng: np.random.Generator, batch: int, samples: int,
-                         harmonics: int = 8) -> tuple[np.ndarray, np.ndarray]:
-    """Random draws of the sine generator, in a fixed order so a numpy port can reproduce them.
-
-    1. phases = rng.uniform(-pi, pi, (batch, harmonics+1)); column 0 (fundamental) set to 0.
-    2. noise  = rng.standard_normal((batch, samples, harmonics+1)).
-    Both returned as float32.
-    """
-    phases = rng.uniform(-np.pi, np.pi, size=(batch, harmonics + 1))
-    phases[:, 0] = 0.0
-    noise = rng.standard_normal(size=(batch, samples, harmonics + 1))
-    return phases.astype(np.float32), noise.astype(np.float32)
-
 
 def sine_generator_torch(f0: torch.Tensor, cfg: HiFTConfig | None = None, *,
                          rng: np.random.Generator | None = None,
