@@ -37,16 +37,6 @@ def pad_last(arrays: Sequence[np.ndarray], dtype: Any = np.float32) -> np.ndarra
     return out
 
 
-def split_chunks(flat: np.ndarray, frames: np.ndarray, bins: int, what: str) -> list[np.ndarray]:
-    """A flattened per-chunk column → [frames_c, bins] arrays; ValueError if the counts do not fit it."""
-    frames = np.asarray(frames, dtype=np.int64).reshape(-1)
-    flat = np.asarray(flat, dtype=np.float32).reshape(-1)
-    if (frames < 0).any() or flat.size != int(frames.sum()) * bins:
-        raise ValueError(f"{what} holds {flat.size} values, its frame counts {frames.tolist()} need "
-                         f"{int(frames.clip(0).sum())} × {bins}")
-    return np.split(flat.reshape(-1, bins), np.cumsum(frames)[:-1])
-
-
 def model_config(bundle: Bundle, section: str) -> dict[str, Any]:
     """The sizes of one component (`flow`, `cfm`, `hift`) from bundle.json `model.config`."""
     try:

@@ -9,7 +9,7 @@ from pydantic import Field
 
 from actors.bundle import Bundle
 from actors.chatterbox import columns
-from actors.chatterbox.batching import length_groups, model_config, pad_last, split_chunks
+from actors.chatterbox.batching import length_groups, model_config, pad_last
 from actors.errors import BundleError
 from actors.rows import Batch, RowStatus
 from actors.stage import Stage, StageOptions
@@ -114,7 +114,7 @@ class CFM(Stage):
 
     def _row_inputs(self, batch: Batch, i: int) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
         """(mu [F, 80] per chunk, prompt mel [P, 80], spks [80]) of row i; ValueError saying what is wrong."""
-        chunks = split_chunks(batch["mu"][i], batch["mu_frames"][i], self.bins, "mu")
+        chunks = columns.split_frames(batch["mu"][i], batch["mu_frames"][i], self.bins, "mu")
         prompt = np.asarray(batch["gen_prompt_mel"][i], dtype=np.float32).reshape(-1)
         if prompt.size % self.bins:
             raise ValueError(f"gen_prompt_mel holds {prompt.size} values, not a whole number of {self.bins}-bin "

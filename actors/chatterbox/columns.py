@@ -71,10 +71,14 @@ def rng_for(seed: int, stream: int, chunk: int) -> np.random.Generator:
     return np.random.default_rng([seed, stream, chunk])
 
 
-def split_frames(flat: np.ndarray, frames: np.ndarray, bins: int = MEL_BINS) -> list[np.ndarray]:
-    """A flattened per-chunk mel column back into [frames_c, bins] arrays."""
-    mats = np.asarray(flat, dtype=np.float32).reshape(-1, bins)
-    return np.split(mats, np.cumsum(np.asarray(frames, dtype=np.int64))[:-1])
+def split_frames(flat: np.ndarray, frames: np.ndarray, bins: int = MEL_BINS, what: str = "mel") -> list[np.ndarray]:
+    """A flattened per-chunk mel column back into [frames_c, bins] arrays; ValueError if the counts do not fit."""
+    frames = np.asarray(frames, dtype=np.int64).reshape(-1)
+    flat = np.asarray(flat, dtype=np.float32).reshape(-1)
+    if (frames < 0).any() or flat.size != int(frames.sum()) * bins:
+        raise ValueError(f"{what} holds {flat.size} values, its frame counts {frames.tolist()} need "
+                         f"{int(frames.clip(0).sum())} × {bins}")
+    return np.split(flat.reshape(-1, bins), np.cumsum(frames)[:-1])
 
 
 def join_frames(chunks: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

@@ -14,7 +14,7 @@ from pydantic import Field
 from actors.audio import silence
 from actors.bundle import Bundle
 from actors.chatterbox import columns
-from actors.chatterbox.batching import length_groups, model_config, split_chunks
+from actors.chatterbox.batching import length_groups, model_config
 from actors.dsp import hann, istft
 from actors.errors import BundleError
 from actors.rows import Batch, RowStatus
@@ -147,7 +147,7 @@ class Vocoder(Stage):
         seeds: dict[int, int] = {}
         for i in range(n):
             try:
-                chunks = split_chunks(batch["mel"][i], batch["mel_frames"][i], columns.MEL_BINS, "mel")
+                chunks = columns.split_frames(batch["mel"][i], batch["mel_frames"][i])
             except ValueError as e:
                 rows.fail(i, f"{self.name}: {e}")
                 continue

@@ -1,5 +1,7 @@
 """The eager PyTorch baseline: the official Chatterbox generation loop over our torch modules, batch 1.
 
+    python -m export.chatterbox.eager --bundle B --manifest rows.parquet --json report.json
+
 One utterance at a time, step by step as the released `ChatterboxTTS.generate` does it
 (T3 prefill and KV-cached decode with CFG, S3Gen flow encoder, Euler CFM with CFG,
 HiFT vocoder, fade-in), with the same numbers the ONNX runtime stages use wherever
@@ -22,7 +24,10 @@ export may import actors, never the reverse.
 """
 from __future__ import annotations
 
+import argparse
 import gc
+import json
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -31,17 +36,21 @@ from types import SimpleNamespace
 from typing import Any, Mapping
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
-from actors.audio import decode_audio, silence
+from actors.audio import decode_audio, encode_audio, silence
 from actors.bundle import Bundle, load_bundle
 from actors.chatterbox import columns as C
-from actors.chatterbox.conditioning import GEN_SAMPLE_RATE, ReferenceFeatures, reference_features
+from actors.chatterbox.conditioning import GEN_SAMPLE_RATE, ConditioningOptions, ReferenceFeatures, reference_features
 from actors.chatterbox.sampling import Sampler, SamplingParams
+from actors.chatterbox.t3 import T3Options
 from actors.chatterbox.text import TextTokenizer, chunk_text
+from actors.chatterbox.vocoder import VocoderOptions
 from actors.chatterbox.voice import Voice, aligned_prompt
 from actors.dsp import resample
-from export.chatterbox.bundle_writer import source_from_manifest
+from export.chatterbox.bundle_writer import GENERATION, source_from_manifest
 from export.chatterbox.cfm import solve_cfm_torch
 from export.chatterbox.checkpoint import ModelConfig, Source, weights_fingerprint
 from export.chatterbox.hift import vocode_torch
@@ -49,14 +58,12 @@ from export.chatterbox.hift import vocode_torch
 UNCOND_TEXT_ID = -1
 """The unconditional CFG row's text ids: `T3.text_embeds` embeds a negative id as zero plus its position."""
 
-# Defaults of the runtime stages' options (T3Options.max_chunk_chars, VocoderOptions.chunk_silence_s,
-# ConditioningOptions.min_seconds / max_seconds).
-MAX_CHUNK_CHARS = 300
-CHUNK_SILENCE_S = 0.2
-MIN_REF_SECONDS, MAX_REF_SECONDS = 1.6, 60.0
+# The runtime stages' option defaults, so both sides chunk, pause and accept references alike.
+MAX_CHUNK_CHARS = T3Options().max_chunk_chars
+CHUNK_SILENCE_S = VocoderOptions().chunk_silence_s
+MIN_REF_SECONDS, MAX_REF_SECONDS = ConditioningOptions().min_seconds, ConditioningOptions().max_seconds
 # Generation defaults when no bundle says otherwise (the released model's, as bundle.json records them).
-T3_DEFAULTS = {"temperature": 0.8, "top_p": 1.0, "min_p": 0.05, "repetition_penalty": 1.2, "cfg_weight": 0.5,
-               "exaggeration": 0.5, "max_new_tokens": 1000}
+T3_DEFAULTS = GENERATION["t3"]
 PARAMETERS = tuple(T3_DEFAULTS)
 STAGES = ("conditioning", "t3", "s3gen", "cfm", "hift")
 
@@ -337,3 +344,46 @@ class EagerChatterbox:
                              fade_in=True, stft="torch")
         clock.add("hift", t)
         return audio[0].numpy().astype(np.float32), mel[0].T.numpy().astype(np.float32)
+
+
+def run_manifest(model: EagerChatterbox, table: pa.Table, fmt: str) -> dict[str, Any]:
+    """Every row of a text manifest (id, text, optional reference_audio, seed and T3 parameters), one at a
+    time, each encoded as the bulk job would: audio seconds, wall seconds and where the time went."""
+    rows = table.to_pylist()
+    stage_s = {k: 0.0 for k in STAGES}
+    audio_s = 0.0
+    started = time.perf_counter()
+    for row in rows:
+        seed = C.row_seed({"id": np.array([row["id"]], object), "seed": np.array([row.get("seed")], object)}, 0)
+        result = model.synthesize(row["text"], row.get("reference_audio") or None, seed,
+                                  {k: row.get(k) for k in PARAMETERS})
+        encode_audio(result.audio, result.sample_rate, fmt)
+        audio_s += len(result.audio) / result.sample_rate
+        for k in STAGES:
+            stage_s[k] += result.seconds[k]
+    return {"rows": len(rows), "audio_s": audio_s, "wall_s": time.perf_counter() - started,
+            "stage_s": {k: round(v, 2) for k, v in stage_s.items()}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m export.chatterbox.eager", description=__doc__.splitlines()[0])
+    p.add_argument("--bundle", required=True, help="bundle dir (its weights are rebuilt from bundle.json)")
+    p.add_argument("--manifest", required=True, help="Parquet rows: id, text, optional reference_audio, seed, "
+                                                     "T3 parameters")
+    p.add_argument("--format", default="wav", choices=("wav", "flac"))
+    p.add_argument("--threads", type=int, help="torch threads (default: every core)")
+    p.add_argument("--json", help="write the report here too")
+    args = p.parse_args(argv)
+    model = EagerChatterbox(args.bundle, threads=args.threads)
+    report = run_manifest(model, pq.read_table(args.manifest), args.format)
+    with open("/proc/self/status") as f:  # peak RSS, the model included
+        report["peak_rss_mb"] = round(next(int(x.split()[1]) for x in f if x.startswith("VmHWM:")) / 1024, 1)
+    text = json.dumps(report, indent=2)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
