@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Literal, Mapping, Protocol, Sequence
 
 import numpy as np
+import onnx
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from actors.errors import ConfigError
@@ -103,8 +104,12 @@ class OpenVinoSession:
             "INFERENCE_PRECISION_HINT": backend.precision, "INFERENCE_NUM_THREADS": backend.threads,
             "PERFORMANCE_HINT": "LATENCY"})
         self.request = compiled.create_infer_request()
-        self._outputs = {o.get_any_name(): o for o in compiled.outputs}
-        self.input_names = tuple(i.get_any_name() for i in compiled.inputs)
+        # A tensor can carry several names (an output that is also an internal node's result):
+        # address each by the name the ONNX graph declares, as ONNX Runtime does.
+        graph = onnx.load(str(path), load_external_data=False).graph
+        self.input_names = tuple(i.name for i in graph.input)
+        self._outputs = {o.name: next(c for c in compiled.outputs if o.name in c.get_names())
+                         for o in graph.output}
         self.output_names = tuple(self._outputs)
 
     def run(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> list[np.ndarray]:

@@ -327,3 +327,15 @@ def test_actors_never_import_torch_or_export():
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'export')))")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True).stdout.strip() == "[]"
+
+
+def test_stages_run_on_openvino_at_reduced_precision(bundle):
+    """OpenVINO names each output as the ONNX graph does (hift_f0's `f0` tensor has an internal name too);
+    bf16 is checked against f32 on the probe inputs at load."""
+    from actors.backends import Backend
+
+    for cls in (S3GenEncoder, CFM, Vocoder):
+        stage = cls(bundle, backend=Backend(engine="openvino", precision="bf16", tolerance=0.05))
+        for graph, session in stage.sessions.items():
+            assert session.output_names == tuple(bundle.manifest["graphs"][graph]["outputs"]), graph
+        assert all(e < 0.05 for e in stage.precision_errors.values()), stage.precision_errors
