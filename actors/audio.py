@@ -7,11 +7,11 @@ import math
 import numpy as np
 import soundfile as sf
 
-FORMATS = {"wav": ("WAV", "PCM_16"), "flac": ("FLAC", "PCM_16")}
+FORMATS = {"wav": ("WAV", "PCM_16"), "flac": ("FLAC", "PCM_16"), "mp3": ("MP3", "MPEG_LAYER_III")}
 
 
 def encode_audio(samples: np.ndarray, sample_rate: int, fmt: str) -> bytes:
-    """Mono float samples in [-1, 1] as a 16-bit wav or flac file."""
+    """Mono float samples in [-1, 1] as a 16-bit wav or flac file, or an mp3 (libsndfile >= 1.1)."""
     if fmt not in FORMATS:
         raise ValueError(f"audio format must be one of {sorted(FORMATS)}, got {fmt!r}")
     container, subtype = FORMATS[fmt]

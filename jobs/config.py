@@ -76,6 +76,9 @@ class ServeSpec(_Strict):
     max_batch_size: int = Field(8, ge=1)
     batch_wait_timeout_s: float = Field(0.01, ge=0, le=10)
     max_ongoing_requests: int = Field(16, ge=1)
+    upscale_delay_s: float = Field(5.0, ge=0)
+    """Load above the target this long adds replicas (Serve's default, 30 s, is slow for interactive TTS)."""
+    downscale_delay_s: float = Field(120.0, ge=0)
 
     @model_validator(mode="after")
     def _sizes(self) -> "ServeSpec":

@@ -74,7 +74,7 @@ def ray_cluster(voxray_cache, default_bundle):
     workers see the repo and the session's cache."""
     import ray
 
-    context = ray.init(num_cpus=2, object_store_memory=300 * 1024 * 1024, include_dashboard=True,
+    context = ray.init(address="local", num_cpus=2, object_store_memory=300 * 1024 * 1024, include_dashboard=True,
                        dashboard_host="127.0.0.1", dashboard_port=free_port_pair(),
                        runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "VOXRAY_CACHE": str(voxray_cache)}},
                        logging_level="WARNING")
