@@ -33,6 +33,8 @@ from actors.errors import ConfigError, describe_validation_error
 from actors.stage import Column, Stage, StageOptions
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+SERVE_CONFIG = CONFIG_DIR / "serve.yaml"
+"""The Serve application's config (`serve run`), the one file under configs/ that is not a pipeline."""
 DEFAULT_CONFIG = "vits"
 FORMATS = ("wav", "flac")
 # Columns the job itself writes into results.parquet; a manifest may not bring its own.
@@ -194,8 +196,12 @@ def find_config(name: str | Path | None) -> Path:
     for path in candidates:
         if path.is_file():
             return path
-    known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-    raise ConfigError(f"config file not found: {raw} (a path, or one of {known})")
+    raise ConfigError(f"config file not found: {raw} (a path, or one of {pipeline_names()})")
+
+
+def pipeline_names() -> list[str]:
+    """The pipelines shipped under configs/, by name."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if p != SERVE_CONFIG)
 
 
 def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:

@@ -81,6 +81,7 @@ def autoscaling_cluster(voxray_cache, default_bundle, tmp_path_factory):
     import ray
     from ray.cluster_utils import Cluster
 
+    others = set(descendants(os.getpid()))  # e.g. the session's S3 server: not this cluster's to end
     port = free_port_pair()
     config = tmp_path_factory.mktemp("autoscaler") / "fake-multinode.yaml"
     gcs = f"{ray._private.services.get_node_ip_address()}:{port}"  # where the provider's nodes join
@@ -99,7 +100,7 @@ def autoscaling_cluster(voxray_cache, default_bundle, tmp_path_factory):
     yield cluster
     ray.shutdown()
     # worker nodes are children of the autoscaler's process: end them by pid with the head
-    mine = descendants(os.getpid())
+    mine = [pid for pid in descendants(os.getpid()) if pid not in others]
     cluster.shutdown()
     for pid in mine:
         try:

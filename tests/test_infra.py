@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from jobs.config import PipelineSpec, load_pipeline
+from jobs.config import PipelineSpec, load_pipeline, pipeline_names
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -105,8 +105,7 @@ def node_types() -> dict[str, list[dict[str, float]]]:
 
 
 def pipelines() -> dict[str, PipelineSpec]:
-    return {p.stem: load_pipeline(p) for p in sorted((REPO / "configs").glob("*.yaml"))
-            if "stages" in (yaml.safe_load(p.read_text()) or {})}
+    return {name: load_pipeline(name) for name in pipeline_names()}
 
 
 def fits(pipeline: PipelineSpec, shapes: list[dict[str, float]]) -> list[str]:
