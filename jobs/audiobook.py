@@ -52,7 +52,7 @@ from actors.rows import OK
 from actors.storage import StorageOptions, is_s3, join, write_atomic
 from actors.text import split_sentences
 from jobs.books import DEFAULT_CHAPTER_REGEX, Book, read_books
-from jobs.bulk_synth import JobArgs, JobInterrupted, run_job
+from jobs.bulk_synth import JobArgs, JobInterrupted, run_job, setup_cli
 from jobs.config import FORMATS, PipelineSpec, load_pipeline
 from jobs.mastering import normalize_loudness, srt, webvtt, write_m4b
 from jobs.store import OutputStore, latest_per_id, table_bytes
@@ -400,7 +400,7 @@ def parse_args(argv: list[str] | None) -> BookArgs:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_cli()
     args = parse_args(argv)
     start = time.perf_counter()
     try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 import time
 import uuid
@@ -249,8 +250,15 @@ def parse_args(argv: list[str] | None) -> JobArgs:
     return JobArgs(**vars(p.parse_args(argv)))
 
 
-def main(argv: list[str] | None = None) -> int:
+def setup_cli() -> None:
+    """Logging, and SIGINT as KeyboardInterrupt (stop, keep what finished) even when a shell started the
+    job in the background: non-interactive shells start background commands with SIGINT ignored."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_cli()
     args = parse_args(argv)
     try:
         summary = run_job(args)
