@@ -175,15 +175,18 @@ def test_killed_t3_actor_loses_and_duplicates_nothing(ray_cluster, cb_tiny_bundl
         manifest=str(manifest), output=str(out), config=config(tmp_path, "kill", small_blocks),
         bundle=str(cb_tiny_bundle)))))
     thread.start()
-    killed, deadline = None, time.monotonic() + 180
+    # Kill T3 two seconds after its actor is up: each SlowT3 call takes a second and there are twelve, so
+    # rows are in flight then, whether or not Ray Data has written any results yet.
+    killed, seen, deadline = None, None, time.monotonic() + 180
     while killed is None and thread.is_alive() and time.monotonic() < deadline:
-        parts = list((out / PARTS_DIR).glob("*.parquet")) if (out / PARTS_DIR).exists() else []
-        if parts:
-            for actor in list_actors(filters=[("state", "=", "ALIVE")], detail=True):
-                if "Stage_t3" in (actor.class_name or "") and actor.pid:
+        for actor in list_actors(filters=[("state", "=", "ALIVE")], detail=True):
+            if "Stage_t3" in (actor.class_name or "") and actor.pid:
+                seen = seen or time.monotonic()
+                if time.monotonic() - seen >= 2.0:
                     os.kill(actor.pid, signal.SIGKILL)
+                    parts = list((out / PARTS_DIR).glob("*.parquet")) if (out / PARTS_DIR).exists() else []
                     killed = sum(pq.read_table(p).num_rows for p in parts)
-                    break
+                break
         time.sleep(0.1)
     thread.join(300)
     assert killed is not None and killed < n, "the job finished before the T3 actor could be killed"
