@@ -85,9 +85,10 @@ class T3(Stage):
     def process(self, batch: Batch, rows: RowStatus) -> Batch:
         n = len(batch["text"])
         requests: dict[int, list[Request]] = {}
+        conds: dict[tuple, np.ndarray] = {}  # rows of one voice and exaggeration share their prefix
         for i in range(n):
             try:
-                requests[i] = self.requests(batch, i)
+                requests[i] = self.requests(batch, i, conds)
             except ValueError as e:
                 rows.fail(i, f"{self.name}: {e}")
         self.loop.submit([r for rs in requests.values() for r in rs])
@@ -102,14 +103,18 @@ class T3(Stage):
             chunks[i] = np.array([len(t) for t in per_chunk], dtype=np.int64)
         return {"speech_tokens": tokens, "chunk_tokens": chunks}
 
-    def requests(self, batch: Batch, i: int) -> list[Request]:
+    def requests(self, batch: Batch, i: int, conds: dict[tuple, np.ndarray]) -> list[Request]:
         """Row i's chunks as decode requests: prefill embeddings and a seeded sampler each."""
         text = self.row_value(batch, "text", i)
         if not text.strip():
             raise ValueError("text is empty")
         params, exaggeration = self.params(batch, i)
         seed = C.row_seed(batch, i)
-        cond = self.cond_embeds(batch["t3_speaker_emb"][i], batch["t3_prompt_tokens"][i], exaggeration)
+        speaker, prompt = batch["t3_speaker_emb"][i], batch["t3_prompt_tokens"][i]
+        key = (np.asarray(speaker).tobytes(), np.asarray(prompt).tobytes(), exaggeration)
+        if key not in conds:
+            conds[key] = self.cond_embeds(speaker, prompt, exaggeration)
+        cond = conds[key]
         out = []
         for k, chunk in enumerate(chunk_text(text, self.options.max_chunk_chars)):
             sampler = Sampler(params, C.rng_for(seed, C.T3_STREAM, k), self.tokens["start_speech"],
