@@ -11,7 +11,7 @@ import torch
 
 from export.chatterbox.config import build_config, load_preset
 from export.chatterbox.graph_io import export_graph, session, verify_graph
-from export.chatterbox.lm_verify import (INT8_MIN_AGREEMENT, quantize_lm, verify_lm,
+from export.chatterbox.lm_verify import (INT8_MIN_AGREEMENT, quantize_lm, verify_lm, verify_lm_step,
                                          verify_lm_int8)
 from export.chatterbox.official_layout import section
 from export.chatterbox.t3 import LM_TOLERANCE, T3, T3Config, graph_specs, lm_spec, seeded_init
@@ -74,13 +74,16 @@ def test_tiny_strict_load_reproduces_outputs(tiny):
 def test_graph_contract_names(exported, tiny):
     cfg, _ = tiny
     specs, paths = exported
-    assert list(specs) == ["t3_cond", "t3_text_embed", "t3_speech_embed", "t3_lm"]
+    assert list(specs) == ["t3_cond", "t3_text_embed", "t3_speech_embed", "t3_lm", "t3_lm_step"]
+    pairs = [(i, kv) for i in range(cfg.num_layers) for kv in ("key", "value")]
+    for graph, cache_out in (("t3_lm", "present"), ("t3_lm_step", "new")):
+        lm = onnx.load(str(paths[graph]))
+        ins = [i.name for i in lm.graph.input]
+        outs = [o.name for o in lm.graph.output]
+        assert ins[:3] == ["inputs_embeds", "attention_mask", "position_ids"]
+        assert ins[3:] == [f"past_key_values.{i}.{kv}" for i, kv in pairs]
+        assert outs == ["logits"] + [f"{cache_out}.{i}.{kv}" for i, kv in pairs]
     lm = onnx.load(str(paths["t3_lm"]))
-    ins = [i.name for i in lm.graph.input]
-    outs = [o.name for o in lm.graph.output]
-    assert ins[:3] == ["inputs_embeds", "attention_mask", "position_ids"]
-    assert ins[3:] == [f"past_key_values.{i}.{kv}" for i in range(cfg.num_layers) for kv in ("key", "value")]
-    assert outs == ["logits"] + [f"present.{i}.{kv}" for i in range(cfg.num_layers) for kv in ("key", "value")]
     dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in lm.graph.input}
     assert dims["past_key_values.0.key"] == ["batch", cfg.num_kv_heads, "past_sequence", cfg.head_dim]
     assert dims["attention_mask"] == ["batch", "total"]
@@ -163,6 +166,20 @@ def test_verify_lm_left_padded_decode(exported, tiny):
     assert tokens.shape == (3, 9)
     # the tiny model's choices depend on context: rows with different text decode differently
     assert len({tuple(r) for r in tokens}) == 3
+
+
+def test_step_graph_with_runtime_cache_matches_contract(exported, tiny, tmp_path):
+    """t3_lm_step decoding through the in-place KVCache (rows leaving and joining, capacity growing and
+    shrinking) gives the contract graph's logits and cache; a step graph of other weights does not."""
+    cfg, model = tiny
+    _, paths = exported
+    report = verify_lm_step(model, cfg, paths["t3_lm_step"], paths["t3_lm"], decode_steps=8)
+    assert report["max_abs_error"]["step_vs_contract/logits"] <= LM_TOLERANCE.atol
+    assert report["max_abs_error"]["step_vs_contract/cache"] <= LM_TOLERANCE.atol
+    other = seeded_init(T3(cfg), seed=1)
+    other_step = export_graph(lm_spec(other, cfg, step=True), tmp_path)
+    with pytest.raises(AssertionError, match="step_vs_contract|t3_lm_step"):
+        verify_lm_step(model, cfg, other_step, paths["t3_lm"], decode_steps=2)
 
 
 def test_verify_lm_fails_on_wrong_model(exported, tiny):

@@ -7,9 +7,12 @@ requests leave at once and waiting ones join after a batched, left-padded
 prefill, so the batch stays full however unequal the utterances are.
 
 A request is one CFG pair: two rows (conditional, unconditional) with the same
-prefix length. Rows are left-padded: a shorter cache is padded on the left with
-masked zeros when requests join, and columns masked in every row are trimmed
-when requests leave, so a row's numbers never depend on its neighbours.
+prefix length. The cache is preallocated and written in place (`KVCache`): each
+step sends views of it to the `t3_lm_step` graph, which returns only the new
+position's keys and values, so a step costs the same whatever the cache holds
+and no step copies it. Each row writes at its own next column; masked columns
+(left padding from a batched prefill, unused capacity) take no part, so a row's
+numbers never depend on its neighbours.
 """
 from __future__ import annotations
 
@@ -32,32 +35,121 @@ class Request:
 
 
 def cache_names(layers: int) -> tuple[list[str], list[str]]:
-    """The LM graph's cache inputs and outputs, in the order it lists them."""
+    """The step graph's cache inputs and outputs (the new positions), in the order it lists them."""
     pairs = [(i, kv) for i in range(layers) for kv in ("key", "value")]
-    return [f"past_key_values.{i}.{kv}" for i, kv in pairs], [f"present.{i}.{kv}" for i, kv in pairs]
+    return [f"past_key_values.{i}.{kv}" for i, kv in pairs], [f"new.{i}.{kv}" for i, kv in pairs]
 
 
 class T3Graphs:
-    """The LM and speech-embedding graphs as the loop calls them."""
+    """The LM step and speech-embedding graphs as the loop calls them."""
 
     def __init__(self, lm: Session, speech_embed: Session, layers: int, heads: int, head_dim: int) -> None:
         self.lm, self.speech_embed = lm, speech_embed
         self.layers, self.heads, self.head_dim = layers, heads, head_dim
-        self.past, self.present = cache_names(layers)
+        self.past, self.new = cache_names(layers)
 
     def empty_past(self, rows: int) -> list[np.ndarray]:
         return [np.zeros((rows, self.heads, 0, self.head_dim), np.float32) for _ in self.past]
 
     def run(self, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray,
             past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Last-position logits [rows, vocab] and the extended cache."""
+        """Last-position logits [rows, vocab] and the new positions' keys and values."""
         feeds = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions,
                  **dict(zip(self.past, past))}
-        logits, *present = self.lm.run(feeds, ["logits", *self.present])
-        return logits[:, -1], present
+        logits, *new = self.lm.run(feeds, ["logits", *self.new])
+        return logits[:, -1], new
 
     def embed_tokens(self, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
         return self.speech_embed.run({"speech_tokens": tokens, "positions": positions}, ["speech_embeds"])[0]
+
+
+class KVCache:
+    """Keys and values of the rows in flight: one buffer per cache tensor, [max_rows, heads, capacity,
+    head_dim], preallocated and written in place.
+
+    Rows are packed at the front, so `views()` (the first `rows` rows) are contiguous and ONNX Runtime
+    reads them without a copy. Row r holds its positions in columns 0..length[r]-1 (`mask` marks the
+    real ones) and the next step writes at column length[r]. Capacity grows and shrinks in blocks of
+    `block` columns; only a resize or a row that moves to fill a gap copies cache memory.
+    """
+
+    def __init__(self, tensors: int, max_rows: int, heads: int, head_dim: int, block: int = 64) -> None:
+        self.tensors, self.max_rows, self.heads, self.head_dim, self.block = tensors, max_rows, heads, head_dim, block
+        self.rows = 0
+        self._resize(0)
+
+    def _resize(self, capacity: int) -> None:
+        old = getattr(self, "buffers", None)
+        # np.zeros maps untouched pages lazily: slots no row has used cost no memory
+        self.buffers = [np.zeros((self.max_rows, self.heads, capacity, self.head_dim), np.float32)
+                        for _ in range(self.tensors)]
+        mask = np.zeros((self.max_rows, capacity), np.int64)
+        if old is not None and self.rows:
+            used = min(capacity, int(self.length[:self.rows].max()))
+            for new, buf in zip(self.buffers, old):
+                new[:self.rows, :, :used] = buf[:self.rows, :, :used]
+            mask[:self.rows, :used] = self.mask[:self.rows, :used]
+        else:
+            self.length = np.zeros(self.max_rows, np.int64)
+        self.mask, self.capacity = mask, capacity
+
+    def _fit(self, columns: int) -> None:
+        """Room for `columns` columns per row; capacity in whole blocks, shrunk when under half used."""
+        want = -(-columns // self.block) * self.block
+        if want > self.capacity or (self.capacity > 2 * want):
+            self._resize(want)
+
+    def views(self) -> list[np.ndarray]:
+        return [b[:self.rows] for b in self.buffers]
+
+    def step_mask(self) -> np.ndarray:
+        """[rows, capacity + 1]: the real cached positions, then the position being decoded."""
+        return np.concatenate([self.mask[:self.rows], np.ones((self.rows, 1), np.int64)], axis=1)
+
+    def positions(self) -> np.ndarray:
+        """[rows, 1]: the position of each row's next token (its count of real positions)."""
+        return self.mask[:self.rows].sum(axis=1, keepdims=True)
+
+    def append(self, new: list[np.ndarray]) -> None:
+        """Write one decoded position per row ([rows, heads, 1, head_dim] per tensor) at its next column."""
+        self._fit(int(self.length[:self.rows].max()) + 1)
+        rows, cols = np.arange(self.rows), self.length[:self.rows]
+        for buf, n in zip(self.buffers, new):
+            buf[rows, :, cols] = n[:, :, 0]
+        self.mask[rows, cols] = 1
+        self.length[:self.rows] += 1
+
+    def add(self, new: list[np.ndarray], mask: np.ndarray) -> None:
+        """Append prefilled rows ([k, heads, L, head_dim] per tensor, `mask` [k, L]) after the others."""
+        k, length = mask.shape
+        if self.rows + k > self.max_rows:
+            raise ValueError(f"KV cache: {self.rows} + {k} rows exceed its {self.max_rows}")
+        self._fit(max(length, int(self.length[:self.rows].max(initial=0))))
+        rows = slice(self.rows, self.rows + k)
+        for buf, n in zip(self.buffers, new):
+            buf[rows, :, :length] = n
+        self.mask[rows] = 0
+        self.mask[rows, :length] = mask
+        self.length[rows] = length
+        self.rows += k
+
+    def keep(self, keep: list[int]) -> list[int]:
+        """Keep rows `keep` (ascending); the last rows move into the gaps the others leave.
+        Returns, for each new row index, the old index of the row now there."""
+        n, kept = len(keep), set(keep)
+        holes = [i for i in range(n) if i not in kept]
+        movers = [i for i in keep if i >= n]
+        order = list(range(n))
+        for hole, row in zip(holes, movers):
+            used = int(self.length[row])
+            for buf in self.buffers:
+                buf[hole, :, :used] = buf[row, :, :used]
+            self.mask[hole] = self.mask[row]
+            self.length[hole] = self.length[row]
+            order[hole] = row
+        self.rows = n
+        self._fit(int(self.length[:n].max(initial=0)))
+        return order
 
 
 class DecodeLoop:
@@ -67,6 +159,7 @@ class DecodeLoop:
         self.graphs = graphs
         self.max_requests = max(1, max_rows // 2)
         self.prefill_requests = max(1, prefill_rows // 2)
+        self.cache = KVCache(2 * graphs.layers, 2 * self.max_requests, graphs.heads, graphs.head_dim)
         self._waiting: deque[Request] = deque()
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -86,8 +179,7 @@ class DecodeLoop:
 
     def _reset(self) -> None:
         self.active: list[Request] = []
-        self.past: list[np.ndarray] = []
-        self.mask = np.zeros((0, 0), np.int64)
+        self.cache.keep([])
 
     def _serve(self) -> None:
         while True:
@@ -120,12 +212,12 @@ class DecodeLoop:
         g = self.graphs
         last = np.repeat([r.sampler.ids[-1] for r in self.active], 2)[:, None].astype(np.int64)
         speech_pos = np.repeat([len(r.sampler.ids) - 1 for r in self.active], 2)[:, None].astype(np.int64)
-        positions = self.mask.sum(axis=1, keepdims=True)
-        self.mask = np.concatenate([self.mask, np.ones((len(self.mask), 1), np.int64)], axis=1)
-        logits, self.past = g.run(g.embed_tokens(last, speech_pos), self.mask, positions, self.past)
+        cache = self.cache
+        logits, new = g.run(g.embed_tokens(last, speech_pos), cache.step_mask(), cache.positions(), cache.views())
+        cache.append(new)
         self.steps += 1
-        self.step_rows += len(self.mask)
-        self.rows_per_step.append(len(self.mask))
+        self.step_rows += cache.rows
+        self.rows_per_step.append(cache.rows)
         self._sample(self.active, logits)
         self._retire()
 
@@ -141,9 +233,10 @@ class DecodeLoop:
             embeds[2 * j:2 * j + 2, length - n:] = r.prefix
             mask[2 * j:2 * j + 2, length - n:] = 1
         positions = np.where(mask == 1, np.cumsum(mask, axis=1) - 1, 1)
-        logits, present = g.run(embeds, mask, positions, g.empty_past(len(mask)))
+        logits, new = g.run(embeds, mask, positions, g.empty_past(len(mask)))
         self._sample(joining, logits)
-        self._merge(joining, present, mask)
+        self.cache.add(new, mask)
+        self.active.extend(joining)
         self._retire()
 
     @staticmethod
@@ -151,38 +244,14 @@ class DecodeLoop:
         for j, r in enumerate(requests):
             r.sampler.step(logits[2 * j], logits[2 * j + 1])
 
-    def _merge(self, joining: list[Request], present: list[np.ndarray], mask: np.ndarray) -> None:
-        """Append joining rows to the running cache, left-padding whichever side is shorter."""
-        if not self.active:
-            self.active, self.past, self.mask = list(joining), present, mask
-            return
-        width = max(self.mask.shape[1], mask.shape[1])
-
-        def pad(a: np.ndarray, axis: int) -> np.ndarray:
-            extra = width - a.shape[axis]
-            if not extra:
-                return a
-            widths = [(0, 0)] * a.ndim
-            widths[axis] = (extra, 0)
-            return np.pad(a, widths)
-
-        self.past = [np.concatenate([pad(a, 2), pad(b, 2)]) for a, b in zip(self.past, present)]
-        self.mask = np.concatenate([pad(self.mask, 1), pad(mask, 1)])
-        self.active.extend(joining)
-
     def _retire(self) -> None:
-        """Finished requests leave the batch; cache columns nobody attends to are dropped."""
+        """Finished requests leave the batch at once; their cache rows are reused."""
         done = [r for r in self.active if r.sampler.done]
         if not done:
             return
         keep = [j for j, r in enumerate(self.active) if not r.sampler.done]
-        rows = np.array([2 * j + k for j in keep for k in (0, 1)], dtype=np.int64)
-        self.active = [self.active[j] for j in keep]
-        self.mask = self.mask[rows]
-        used = np.flatnonzero(self.mask.any(axis=0))
-        first = int(used[0]) if len(used) else self.mask.shape[1]
-        self.mask = self.mask[:, first:]
-        self.past = [p[rows][:, :, first:] for p in self.past]
+        order = self.cache.keep([2 * j + k for j in keep for k in (0, 1)])
+        self.active = [self.active[row // 2] for row in order[::2]]
         for r in done:
             r.future.set_result(r.sampler.tokens)
 

@@ -45,7 +45,7 @@ class T3(Stage):
     name = "t3"
     family = "chatterbox"
     Options = T3Options
-    graphs = ("t3_cond", "t3_text_embed", "t3_speech_embed", "t3_lm")
+    graphs = ("t3_cond", "t3_text_embed", "t3_speech_embed", "t3_lm_step")
     requires = {
         "text": Column("str", "text to speak"),
         **{k: C.VOICE[k] for k in ("t3_speaker_emb", "t3_prompt_tokens")},
@@ -63,7 +63,7 @@ class T3(Stage):
         self.defaults = bundle.generation.get("t3", {})
         super().__init__(bundle, **kwargs)
         self.tokenizer = TextTokenizer(bundle)
-        self.graph = T3Graphs(self.sessions["t3_lm"], self.sessions["t3_speech_embed"], self.t3["num_layers"],
+        self.graph = T3Graphs(self.sessions["t3_lm_step"], self.sessions["t3_speech_embed"], self.t3["num_layers"],
                               self.t3["num_kv_heads"], self.t3["head_dim"])
         start = np.array([[self.tokens["start_speech"]]], np.int64)
         self.start_embed = self.graph.embed_tokens(start, np.zeros_like(start))[0]  # [1, hidden]

@@ -46,7 +46,7 @@ EXPORTER = "export.chatterbox"
 # The graph contract (docs/architecture.md, "the graph contract"), in bundle order, by component.
 COMPONENT_GRAPHS: dict[str, tuple[str, ...]] = {
     "ve": ("ve",),
-    "t3": ("t3_cond", "t3_text_embed", "t3_speech_embed", "t3_lm"),
+    "t3": ("t3_cond", "t3_text_embed", "t3_speech_embed", "t3_lm", "t3_lm_step"),
     "tokenizer": ("s3tokenizer",),
     "speaker_encoder": ("campplus",),
     "flow": ("s3gen_encoder",),
@@ -70,6 +70,7 @@ FP16_TOLERANCE: dict[str, Tolerance] = {
     "t3_text_embed": Tolerance(atol=5e-3, rtol=1e-2),
     "t3_speech_embed": Tolerance(atol=5e-3, rtol=1e-2),
     "t3_lm": Tolerance(atol=0.15, rtol=0.05),
+    "t3_lm_step": Tolerance(atol=0.15, rtol=0.05),
     "s3gen_encoder": Tolerance(atol=2e-2, rtol=2e-2),
     "cfm_estimator": Tolerance(atol=0.1, rtol=5e-2),
     "hift_f0": Tolerance(atol=0.5, rtol=1e-2),
@@ -224,6 +225,13 @@ def verify_component(component: str, model: nn.Module, cfg: ModelConfig, graph_f
                 report = {"right_padded_step": report,
                           "left_padded_decode": verify_lm(model, cfg.t3, path, decode_steps=options.decode_steps,
                                                           tolerance=tol, threads=options.threads),
+                          "dtype": dtype, "tolerance": {"atol": tol.atol, "rtol": tol.rtol}}
+            elif spec.name == "t3_lm_step":
+                from export.chatterbox.lm_verify import verify_lm_step
+                report = {"right_padded_step": report,
+                          "runtime_cache_vs_t3_lm": verify_lm_step(model, cfg.t3, path, graph_files["t3_lm"],
+                                                                   decode_steps=options.decode_steps,
+                                                                   tolerance=tol, threads=options.threads),
                           "dtype": dtype, "tolerance": {"atol": tol.atol, "rtol": tol.rtol}}
         except AssertionError as e:
             raise VerificationError(f"verification failed: {e}") from None

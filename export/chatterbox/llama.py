@@ -116,21 +116,32 @@ class LlamaAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor,
                 past: KV) -> tuple[torch.Tensor, KV]:
+        """-> (attention output, the S new positions' (key, value) [B, KV, S, D]).
+
+        The past and the new keys are attended to separately, never concatenated: a caller that
+        keeps the cache in a preallocated buffer passes the buffer as `past` and writes the new
+        positions into it, so a decode step reads the cache once and copies none of it.
+        """
         half = self.head_dim // 2
         q = apply_rope(self._heads(self.q_proj(x), self.num_heads), cos, sin, half)
         k = apply_rope(self._heads(self.k_proj(x), self.num_kv_heads), cos, sin, half)
         v = self._heads(self.v_proj(x), self.num_kv_heads)
-        k = torch.cat((past[0], k), dim=2)
-        v = torch.cat((past[1], v), dim=2)
-        present = (k, v)
+        past_k, past_v = past
         if self.num_kv_heads != self.num_heads:
             rep = self.num_heads // self.num_kv_heads
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
-        scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale + bias
+            k_all, v_all = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            past_k, past_v = past_k.repeat_interleave(rep, dim=1), past_v.repeat_interleave(rep, dim=1)
+        else:
+            k_all, v_all = k, v
+        # One softmax over [past | new] keys; the weights are split at the past length (traced, so it
+        # stays dynamic in the graph) and each block meets its own values.
+        length = past_k.shape[2]
+        scores = torch.cat((torch.matmul(q, past_k.transpose(-1, -2)), torch.matmul(q, k_all.transpose(-1, -2))),
+                           dim=-1) * self.scale + bias
         probs = F.softmax(scores.float(), dim=-1).to(q.dtype)
-        out = torch.matmul(probs, v).transpose(1, 2).flatten(2)
-        return self.o_proj(out), present
+        out = torch.matmul(probs[..., :length], past_v) + torch.matmul(probs[..., length:], v_all)
+        out = out.transpose(1, 2).flatten(2)
+        return self.o_proj(out), (k, v)
 
 
 class LlamaMLP(nn.Module):
@@ -153,10 +164,10 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x, cos, sin, bias, past: KV) -> tuple[torch.Tensor, KV]:
-        h, present = self.self_attn(self.input_layernorm(x), cos, sin, bias, past)
+        h, new = self.self_attn(self.input_layernorm(x), cos, sin, bias, past)
         x = x + h
         x = x + self.mlp(self.post_attention_layernorm(x))
-        return x, present
+        return x, new
 
 
 class LlamaModel(nn.Module):
@@ -179,14 +190,14 @@ class LlamaModel(nn.Module):
     def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
                 position_ids: torch.Tensor, past: list[KV]) -> tuple[torch.Tensor, list[KV]]:
         """inputs_embeds [B,S,H], attention_mask [B,P+S], position_ids [B,S], past: per layer
-        (key, value) [B,KV,P,D] -> (hidden [B,S,H], presents [B,KV,P+S,D] per layer)."""
+        (key, value) [B,KV,P,D] -> (hidden [B,S,H], the new positions' (key, value) [B,KV,S,D] per layer)."""
         inv_freq = self.inv_freq.to(inputs_embeds.device)
         cos, sin = rope_cos_sin(position_ids, inv_freq)
         cos, sin = cos.to(inputs_embeds.dtype), sin.to(inputs_embeds.dtype)
         bias = attention_bias(attention_mask, position_ids, inputs_embeds.dtype)
         x = inputs_embeds
-        presents = []
+        new = []
         for layer, layer_past in zip(self.layers, past):
-            x, present = layer(x, cos, sin, bias, layer_past)
-            presents.append(present)
-        return self.norm(x), presents
+            x, kv = layer(x, cos, sin, bias, layer_past)
+            new.append(kv)
+        return self.norm(x), new

@@ -2,6 +2,8 @@
 
 `verify_lm`: left-padded batched prefill (HF convention) + cached greedy decode,
 ORT vs torch and every padded row vs the same row run alone, at every step.
+`verify_lm_step`: the t3_lm_step graph decoding as the runtime does (a preallocated
+in-place cache, rows leaving and joining) against the t3_lm contract graph.
 `quantize_lm` / `verify_lm_int8`: dynamic int8 weights for CPU and their greedy
 agreement with the fp32 graph.
 """
@@ -14,6 +16,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from actors.chatterbox.decode import KVCache
 from export.chatterbox.graph_io import EXTERNAL_DATA_BYTES, session
 from export.chatterbox.spec import Tolerance
 from export.chatterbox.t3 import LM_TOLERANCE, T3, T3Config, lm_io_names
@@ -178,6 +181,80 @@ def verify_lm(model: T3, cfg: T3Config, onnx_path: Path, text_lengths=(9, 4, 13)
             "prefill_lengths": [len(r) for r in rows], "decode_steps": decode_steps,
             "tolerance": {"atol": tolerance.atol, "rtol": tolerance.rtol},
             "max_abs_error": errs, "greedy_tokens": tokens}
+
+
+def verify_lm_step(model: T3, cfg: T3Config, step_path: Path, contract_path: Path,
+                   text_lengths=(9, 4, 13, 6), decode_steps: int = 8, seed: int = 0,
+                   tolerance: Tolerance = LM_TOLERANCE, threads: int = 1) -> dict:
+    """t3_lm_step through the runtime's `KVCache` vs t3_lm running each row alone.
+
+    Three rows are prefilled together (left-padded) into a cache whose capacity grows and shrinks
+    in blocks of 4 columns; the first row leaves after two steps (another row moves into its
+    place) and a fourth row joins after four. At every step each row's logits must match the
+    contract graph run on that row alone with its whole cache passed in and out, and the greedy
+    tokens must agree; at the end each row's real cache columns must match.
+    """
+    rng = np.random.default_rng(seed)
+    rows = _random_prefills(model, cfg, text_lengths, rng)
+    step_sess = session(Path(step_path), threads)
+    contract = _LM(cfg, sess=session(Path(contract_path), threads))
+    inputs, outputs = lm_io_names(cfg, step=True)
+    cache = KVCache(2 * cfg.num_layers, len(rows), cfg.num_kv_heads, cfg.head_dim, block=4)
+    errs: dict[str, float] = {}
+    alone: dict[int, dict] = {}   # row -> its contract-graph state: past, length, speech step, last token
+    active: list[int] = []        # rows in cache order
+
+    def run_step(embeds, mask, pos, past) -> tuple[np.ndarray, list[np.ndarray]]:
+        outs = step_sess.run(outputs, dict(zip(inputs, [embeds, mask, pos, *past])))
+        return outs[0][:, -1], outs[1:]
+
+    def compare(i: int, got: np.ndarray, where: str) -> None:
+        want = alone[i]["logits"]
+        _check(errs, "step_vs_contract/logits", got[None], want[None], tolerance, f"{where} row {i}")
+        if int(got.argmax()) != int(want.argmax()):
+            raise AssertionError(f"t3_lm_step: greedy token differs from t3_lm at {where} row {i}")
+        alone[i]["token"] = int(want.argmax())
+
+    def join(ids: list[int], where: str) -> None:
+        embeds, mask, pos = left_pad([rows[i] for i in ids])
+        logits, new = run_step(embeds, mask, pos, [np.zeros((len(ids), cfg.num_kv_heads, 0, cfg.head_dim),
+                                                            np.float32)] * len(inputs[3:]))
+        cache.add(new, mask)
+        for j, i in enumerate(ids):
+            n = len(rows[i])
+            lo, past = contract(rows[i][None], np.ones((1, n), np.int64), np.arange(n)[None],
+                                contract.empty_past(1))
+            alone[i] = {"past": past, "n": n, "speech": 0, "logits": lo[0, -1]}
+            compare(i, logits[j], where)
+        active.extend(ids)
+
+    join([0, 1, 2], "prefill")
+    for step in range(decode_steps):
+        where = f"decode step {step}"
+        if step == 2:
+            order = cache.keep([1, 2])
+            active[:] = [active[k] for k in order]
+        if step == 4:
+            join([3], f"join at {where}")
+        tokens = np.array([[alone[i]["token"]] for i in active], np.int64)
+        speech = np.array([[alone[i]["speech"] + 1] for i in active], np.int64)
+        embeds = _speech_embed(model, tokens, speech)
+        logits, new = run_step(embeds, cache.step_mask(), cache.positions(), cache.views())
+        cache.append(new)
+        for j, i in enumerate(active):
+            a = alone[i]
+            lo, a["past"] = contract(embeds[j:j + 1], np.ones((1, a["n"] + 1), np.int64), np.array([[a["n"]]]),
+                                     a["past"])
+            a["n"], a["speech"], a["logits"] = a["n"] + 1, a["speech"] + 1, lo[0, -1]
+            compare(i, logits[j], where)
+    for j, i in enumerate(active):
+        real = cache.mask[j].astype(bool)
+        for t, (buf, want) in enumerate(zip(cache.views(), alone[i]["past"])):
+            _check(errs, "step_vs_contract/cache", buf[j:j + 1][:, :, real], want, tolerance,
+                   f"final cache row {i} tensor {t}")
+    return {"graph": "t3_lm_step", "reference_graph": "t3_lm", "prefill_lengths": [len(r) for r in rows],
+            "decode_steps": decode_steps, "tolerance": {"atol": tolerance.atol, "rtol": tolerance.rtol},
+            "max_abs_error": errs}
 
 
 def _lm_weight_bytes(path: Path) -> int:

@@ -12,7 +12,9 @@ in eval mode:
   then `speech_head` over the final-normed hidden states.
 
 Graphs (contract in docs/architecture.md, "the graph contract"): t3_cond, t3_text_embed,
-t3_speech_embed, t3_lm.  See `graph_specs`.
+t3_speech_embed, t3_lm, and t3_lm_step: the same LM returning only the new positions'
+keys and values, which the runtime writes into a preallocated cache (no copy per step).
+See `graph_specs`.
 
 One extension of the contract: a negative id in `text_tokens` gives a zero token
 embedding (the position embedding is still added).  That is the unconditional CFG
@@ -203,10 +205,17 @@ class T3(nn.Module):
     def speech_embeds(self, speech_tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.speech_emb(speech_tokens) + self.speech_pos_emb(positions)
 
+    def lm_step(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
+                position_ids: torch.Tensor, past: list[KV]) -> tuple[torch.Tensor, list[KV]]:
+        """-> (speech logits [B,S,V], the new positions' (key, value) [B,KV,S,D] per layer)."""
+        hidden, new = self.tfmr(inputs_embeds, attention_mask, position_ids, past)
+        return self.speech_head(hidden), new
+
     def lm(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
            position_ids: torch.Tensor, past: list[KV]) -> tuple[torch.Tensor, list[KV]]:
-        hidden, presents = self.tfmr(inputs_embeds, attention_mask, position_ids, past)
-        return self.speech_head(hidden), presents
+        """-> (speech logits, the whole cache: past then new, [B,KV,P+S,D] per layer)."""
+        logits, new = self.lm_step(inputs_embeds, attention_mask, position_ids, past)
+        return logits, [(torch.cat((pk, k), dim=2), torch.cat((pv, v), dim=2)) for (pk, pv), (k, v) in zip(past, new)]
 
     # --- reference helpers ------------------------------------------------------------
     def prefill_embeds(self, speaker_emb: torch.Tensor, prompt_tokens: torch.Tensor,
@@ -283,34 +292,39 @@ class _SpeechEmbedGraph(nn.Module):
 
 class LMGraph(nn.Module):
     """Flat-argument wrapper: (inputs_embeds, attention_mask, position_ids, k0, v0, k1, ...)
-    -> (logits, present k0, v0, k1, ...)."""
+    -> (logits, k0, v0, k1, ...): the whole cache (t3_lm) or only the new positions (t3_lm_step)."""
 
-    def __init__(self, model: T3):
+    def __init__(self, model: T3, step: bool = False):
         super().__init__()
         self.model = model
+        self.step = step
 
     def forward(self, inputs_embeds, attention_mask, position_ids, *past_flat):
         past = list(zip(past_flat[0::2], past_flat[1::2]))
-        logits, presents = self.model.lm(inputs_embeds, attention_mask, position_ids, past)
-        return (logits, *[t for kv in presents for t in kv])
+        run = self.model.lm_step if self.step else self.model.lm
+        logits, cache = run(inputs_embeds, attention_mask, position_ids, past)
+        return (logits, *[t for kv in cache for t in kv])
 
 
-def lm_io_names(cfg: T3Config) -> tuple[list[str], list[str]]:
+def lm_io_names(cfg: T3Config, step: bool = False) -> tuple[list[str], list[str]]:
+    """t3_lm: the cache out is `present.*` (past + new); t3_lm_step: `new.*` (the new positions only)."""
     past = [f"past_key_values.{i}.{kv}" for i in range(cfg.num_layers) for kv in ("key", "value")]
-    present = [f"present.{i}.{kv}" for i in range(cfg.num_layers) for kv in ("key", "value")]
-    return ["inputs_embeds", "attention_mask", "position_ids", *past], ["logits", *present]
+    out = [f"{'new' if step else 'present'}.{i}.{kv}" for i in range(cfg.num_layers) for kv in ("key", "value")]
+    return ["inputs_embeds", "attention_mask", "position_ids", *past], ["logits", *out]
 
 
 LM_TOLERANCE = Tolerance(atol=1e-3, rtol=1e-3)
 
 
-def lm_spec(model: T3, cfg: T3Config, past_len: int = 3) -> GraphSpec:
-    """The t3_lm spec.  `make_batch` builds a cached step: a fully valid past of
+def lm_spec(model: T3, cfg: T3Config, past_len: int = 3, step: bool = False) -> GraphSpec:
+    """The t3_lm spec (`step`: t3_lm_step, which returns only the new positions' cache).
+
+    `make_batch` builds a cached step: a fully valid past of
     `past_len` positions plus S = max(lengths) new positions, RIGHT-padded per row
     (so the generic verify_graph applies: causal attention never lets a real position
     see a later pad).  Left-padded batched decoding is checked by lm_verify.verify_lm.
     Traced with past_len 3 so that the past length is not baked in."""
-    inputs, outputs = lm_io_names(cfg)
+    inputs, outputs = lm_io_names(cfg, step)
     kvh, hd, d = cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
     axes: dict[str, dict[int, str]] = {
         "inputs_embeds": {0: "batch", 1: "sequence"},
@@ -321,7 +335,7 @@ def lm_spec(model: T3, cfg: T3Config, past_len: int = 3) -> GraphSpec:
     for name in inputs[3:]:
         axes[name] = {0: "batch", 2: "past_sequence"}
     for name in outputs[1:]:
-        axes[name] = {0: "batch", 2: "total"}
+        axes[name] = {0: "batch", 2: "sequence" if step else "total"}
 
     def make_batch(lengths: list[int], rng: np.random.Generator) -> Inputs:
         b, s = len(lengths), max(lengths)
@@ -348,13 +362,14 @@ def lm_spec(model: T3, cfg: T3Config, past_len: int = 3) -> GraphSpec:
         return {k: np.ascontiguousarray(v) for k, v in row.items()}
 
     return GraphSpec(
-        name="t3_lm", module=LMGraph(model).eval(), input_names=inputs, output_names=outputs,
+        name="t3_lm_step" if step else "t3_lm", module=LMGraph(model, step).eval(), input_names=inputs,
+        output_names=outputs,
         dynamic_axes=axes, make_batch=make_batch, take_row=take_row,
         trace_lengths=[5, 3], verify_lengths=[4, 7, 1], tolerance=LM_TOLERANCE)
 
 
 def graph_specs(model: T3, cfg: T3Config) -> list[GraphSpec]:
-    """t3_cond, t3_text_embed, t3_speech_embed, t3_lm (see the module docstring)."""
+    """t3_cond, t3_text_embed, t3_speech_embed, t3_lm, t3_lm_step (see the module docstring)."""
     model.eval()
 
     # t3_cond has no prompt mask: every row of a batch has the same prompt length,
@@ -419,4 +434,5 @@ def graph_specs(model: T3, cfg: T3Config) -> list[GraphSpec]:
             make_batch=speech_batch, take_row=speech_row,
             trace_lengths=[5, 3], verify_lengths=[1, 7, 4]),
         lm_spec(model, cfg, past_len=3),
+        lm_spec(model, cfg, past_len=3, step=True),
     ]
