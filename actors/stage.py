@@ -146,8 +146,8 @@ class Stage:
         """A folder (local or s3://) where the stage may keep what it computed for later runs
         (the bulk job passes `<output>/_cache`); None: nothing is kept beyond the process."""
         given = dict(sessions or {})
-        self.sessions: dict[str, Session] = {g: given[g] if g in given else bundle.open(g, self.backend)
-                                             for g in self.graphs}
+        self.sessions: dict[str, Session] = {
+            g: given[g] if g in given else bundle.open(self.bundle_graph(g), self.backend) for g in self.graphs}
         self.precision_errors = {g: self._verify_precision(g) for g in self.graphs
                                  if g not in given and self.backend.precision != "f32"}
         self._calls = self._rows_in = 0
@@ -155,6 +155,10 @@ class Stage:
     def process(self, batch: Batch, rows: RowStatus) -> Batch:
         """Every provided column for every row of `batch` (all alive when called)."""
         raise NotImplementedError
+
+    def bundle_graph(self, graph: str) -> str:
+        """The bundle graph that serves `graph` (a stage option may pick a verified variant, e.g. int8)."""
+        return graph
 
     def probe_feeds(self, graph: str) -> dict[str, np.ndarray]:
         """Representative inputs of `graph`, used to check a reduced precision against f32."""

@@ -1,12 +1,13 @@
 """T3: text → S3 speech tokens, every request of the actor in one continuous-batching decode loop."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field
 
 from actors.bundle import Bundle
+from actors.errors import ConfigError
 from actors.chatterbox import columns as C
 from actors.chatterbox.decode import DecodeLoop, Request, T3Graphs, cache_names
 from actors.chatterbox.sampling import Sampler, SamplingParams
@@ -37,6 +38,9 @@ class T3Options(StageOptions):
     """Rows in the decode batch at most (two per utterance: conditional and unconditional)."""
     prefill_rows: int = Field(8, ge=2)
     """Rows per prefill call when waiting utterances join the batch."""
+    lm: Literal["fp32", "int8"] = "fp32"
+    """int8: the bundle's dynamically quantized step graph (`t3_lm_step_int8`, checked against fp32 at
+    export; `python -m export.chatterbox` writes it for fp32 bundles), for CPUs with fast int8 dot products."""
 
 
 class T3(Stage):
@@ -68,6 +72,15 @@ class T3(Stage):
         start = np.array([[self.tokens["start_speech"]]], np.int64)
         self.start_embed = self.graph.embed_tokens(start, np.zeros_like(start))[0]  # [1, hidden]
         self.loop = DecodeLoop(self.graph, self.options.max_rows, self.options.prefill_rows)
+
+    def bundle_graph(self, graph: str) -> str:
+        if graph != "t3_lm_step" or self.options.lm == "fp32":
+            return graph
+        if "t3_lm_step_int8" not in self.bundle.manifest["graphs"]:
+            raise ConfigError(f"stage {self.name!r}: lm int8 needs the bundle's t3_lm_step_int8 graph, which "
+                              f"{self.bundle.path} lacks; re-export it (python -m export.chatterbox writes it for "
+                              "fp32 bundles) or set lm: fp32")
+        return "t3_lm_step_int8"
 
     def batch_stats(self) -> dict[str, float]:
         loop = self.loop
