@@ -27,6 +27,9 @@ class Backend(BaseModel):
     device: Literal["cpu", "cuda"] = "cpu"
     threads: int = Field(1, ge=1, le=256)
     """Intra-op threads per session: set it to the actor's CPUs so actors don't oversubscribe a node."""
+    spin: bool = True
+    """ONNX Runtime's idle intra-op threads spin-wait for the next op: fastest when a stage has its cores to
+    itself; turn it off where stages share cores (a small node), or spinning burns the CPU the others need."""
     precision: Literal["f32", "bf16"] = "f32"
     """bf16 runs through OpenVINO on CPUs that have it; checked against f32 when the stage loads."""
     tolerance: float = Field(0.05, gt=0, le=1)
@@ -63,6 +66,8 @@ class OrtSession:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = backend.threads
         opts.inter_op_num_threads = 1
+        if not backend.spin:
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if backend.device == "cpu":
             providers: list = ["CPUExecutionProvider"]
         else:

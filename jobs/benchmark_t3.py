@@ -98,15 +98,19 @@ class StepRunner:
         t3, rng = stage.t3, np.random.default_rng(0)
         self.graphs = T3Graphs(lm, stage.sessions["t3_speech_embed"], t3["num_layers"], t3["num_kv_heads"],
                                t3["head_dim"])
-        shape = (rows, t3["num_kv_heads"], past, t3["head_dim"])
-        kv = [rng.standard_normal(shape).astype(np.float32) * 0.5 for _ in self.graphs.past]
         self.embeds = rng.standard_normal((rows, 1, t3["hidden_size"])).astype(np.float32) * 0.3
         self.in_place, self.rows, self.length = in_place, rows, past
+        tensors = len(self.graphs.past)
+
+        def random_kv(n: int) -> list[np.ndarray]:
+            return [rng.standard_normal((n, t3["num_kv_heads"], past, t3["head_dim"]), np.float32) * 0.5
+                    for _ in range(tensors)]
         if in_place:
-            self.cache = KVCache(len(kv), rows, t3["num_kv_heads"], t3["head_dim"])
-            self.cache.add(kv, np.ones((rows, past), np.int64))
+            self.cache = KVCache(tensors, rows, t3["num_kv_heads"], t3["head_dim"])
+            for _ in range(rows // 2):  # two rows at a time: no second full-size copy of the cache in memory
+                self.cache.add(random_kv(2), np.ones((2, past), np.int64))
         else:
-            self.past = kv
+            self.past = random_kv(rows)
 
     def __call__(self) -> None:
         if self.in_place:

@@ -21,6 +21,7 @@ from actors.bundle import load_bundle, sha256_file, write_manifest
 from actors.errors import BundleError
 from actors.storage import StorageOptions
 from export.chatterbox.bundle_writer import FP16_TOLERANCE, GRAPHS, INT8_LM
+from export.chatterbox.lm_verify import INT8_THRESHOLDS
 from export.chatterbox.checkpoint import (COMPONENTS, T3_WRAP_PREFIX, Checkpoint, CheckpointError, ModelConfig,
                                           RandomInit, weights_fingerprint, write_official_layout)
 
@@ -59,8 +60,7 @@ def tiny_cfg() -> ModelConfig:
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("cb") / "tiny"
-    proc = export_cli("--random-init", "--config", "tiny", "--seed", "0", "--quantize-lm", "int8",
-                      "--out", str(out))
+    proc = export_cli("--random-init", "--config", "tiny", "--seed", "0", "--out", str(out))  # int8 LM: the default
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout)
     assert summary["bundle"] == str(out) and summary["source"] == "random-init"
@@ -91,7 +91,7 @@ def test_manifest_follows_the_contract(bundle, manifest):
     assert manifest["family"] == "chatterbox" and manifest["sample_rate"] == 24000
     assert manifest["dtype"] == "fp32"
     assert sorted(manifest["graphs"]) == sorted([*GRAPHS, INT8_LM])
-    assert set(GRAPHS) == set(CONTRACT) | {"t3_lm"}
+    assert set(GRAPHS) == set(CONTRACT) | {"t3_lm", "t3_lm_step"}
     layers = manifest["model"]["config"]["t3"]["num_layers"]
     for name, entry in manifest["graphs"].items():
         path = bundle / entry["file"]
@@ -102,14 +102,22 @@ def test_manifest_follows_the_contract(bundle, manifest):
         assert entry["inputs"] == inputs and entry["outputs"] == outputs, name
         if name in CONTRACT:
             assert (inputs, outputs) == CONTRACT[name]
-        else:       # t3_lm and its int8 variant
+        else:       # t3_lm (the whole cache out), t3_lm_step and its int8 variant (the new positions out)
             kv = [f"past_key_values.{i}.{k}" for i in range(layers) for k in ("key", "value")]
             assert inputs == ["inputs_embeds", "attention_mask", "position_ids", *kv]
-            assert outputs == ["logits", *[f"present.{i}.{k}" for i in range(layers) for k in ("key", "value")]]
+            out = "present" if name == "t3_lm" else "new"
+            assert outputs == ["logits", *[f"{out}.{i}.{k}" for i in range(layers) for k in ("key", "value")]]
         for value in graph.input:
             assert value.type.tensor_type.shape.dim[0].dim_param == "batch", (name, value.name)
             assert entry["dynamic_axes"][value.name]["0"] == "batch"
-    assert manifest["graphs"][INT8_LM]["file"] == "t3_lm.int8.onnx"
+    int8 = manifest["graphs"][INT8_LM]
+    assert INT8_LM == "t3_lm_step_int8" and int8["file"] == "t3_lm_step.int8.onnx"
+    assert (int8["dtype"], int8["reference_graph"], int8["component"]) == ("int8-dynamic", "t3_lm_step", "t3")
+    assert int8["quantization"]["op"] == "DynamicQuantizeMatMul"
+    assert int8["quantization"]["quantized_matmuls"] == 7 * (layers - 1)   # all but layer 0 and the head
+    assert int8["quantization"]["fp32_matmuls"][-1] == "/speech_head/MatMul"
+    ops = {n.op_type for n in onnx.load(str(bundle / int8["file"])).graph.node}
+    assert "DynamicQuantizeMatMul" in ops
     assert manifest["generation"] == {
         "t3": {"temperature": 0.8, "cfg_weight": 0.5, "min_p": 0.05, "top_p": 1.0, "repetition_penalty": 1.2,
                "exaggeration": 0.5, "max_new_tokens": 1000},
@@ -131,7 +139,8 @@ def test_verification_report_covers_batches_and_padding(manifest):
     for name in GRAPHS:
         rep = graphs[name]
         assert rep["passed"] is True, name
-        checks = [rep] if name != "t3_lm" else [rep["right_padded_step"], rep["left_padded_decode"]]
+        checks = {"t3_lm": lambda r: [r["right_padded_step"], r["left_padded_decode"]],
+                  "t3_lm_step": lambda r: [r["right_padded_step"]]}.get(name, lambda r: [r])(rep)
         for r in checks:
             bs = r["batch_sizes"]
             assert bs[0] == 1 and bs[1] >= 3, name
@@ -146,8 +155,16 @@ def test_verification_report_covers_batches_and_padding(manifest):
     decode = graphs["t3_lm"]["left_padded_decode"]
     assert decode["decode_steps"] >= 8 and len(set(decode["prefill_lengths"])) == 3
     assert np.asarray(decode["greedy_tokens"]).shape == (3, decode["decode_steps"] + 1)
-    int8 = graphs[INT8_LM]
-    assert int8["steps"] >= 50 and int8["teacher_forced_agreement"] >= int8["min_agreement"] >= 0.9
+    assert graphs["t3_lm_step"]["runtime_cache_vs_t3_lm"]["decode_steps"] >= 8
+    int8 = graphs[INT8_LM]       # next-token distributions vs the fp32 step graph, bounds stated beside them
+    assert int8["passed"] is True and int8["reference_graph"] == "t3_lm_step"
+    assert int8["steps"] >= 50 and int8["rows"] >= 4 and int8["thresholds"] == INT8_THRESHOLDS
+    t = int8["thresholds"]
+    assert int8["kl_mean"] <= t["max_kl_mean"] and int8["kl_max"] <= t["max_kl_max"]
+    assert int8["relative_logit_error"] <= t["max_relative_logit_error"]
+    assert int8["confident_predictions"] >= t["min_confident_predictions"]
+    assert int8["confident_agreement"] >= t["min_confident_agreement"]
+    assert {"greedy_agreement", "free_run_first_divergence"} <= set(int8)
 
 
 def test_text_tokenizer_and_default_voice_assets(bundle, manifest, tiny_cfg):
@@ -209,7 +226,7 @@ def test_fp16_bundle_with_external_data(tmp_path):
                       "--external-data-threshold", "1000000")
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = json.loads((out / "bundle.json").read_text())
-    assert manifest["dtype"] == "fp16"
+    assert manifest["dtype"] == "fp16" and INT8_LM not in manifest["graphs"]     # int8 LM: fp32 bundles only
     external = {n: e["external_data"] for n, e in manifest["graphs"].items() if "external_data" in e}
     assert "t3_cond" in external and "ve" not in external
     assert external["t3_cond"] == {"t3_cond.onnx.data": sha256_file(out / "t3_cond.onnx.data")}
@@ -253,9 +270,10 @@ def test_large_graph_weights_go_to_one_external_file(tmp_path, tiny_cfg):
 
 def test_checkpoint_export_gives_the_same_graphs(bundle, manifest, tiny_ckpt, tmp_path):
     out = tmp_path / "from_ckpt"
-    proc = export_cli("--checkpoint", str(tiny_ckpt), "--config", "tiny", "--out", str(out))
+    proc = export_cli("--checkpoint", str(tiny_ckpt), "--config", "tiny", "--quantize-lm", "none", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads((out / "bundle.json").read_text())
+    assert INT8_LM not in got["graphs"] and not (out / "t3_lm_step.int8.onnx").exists()   # opted out
     for name in GRAPHS:
         assert got["graphs"][name]["sha256"] == manifest["graphs"][name]["sha256"], name
     src = got["source"]

@@ -11,8 +11,8 @@ import torch
 
 from export.chatterbox.config import build_config, load_preset
 from export.chatterbox.graph_io import export_graph, session, verify_graph
-from export.chatterbox.lm_verify import (INT8_MIN_AGREEMENT, quantize_lm, verify_lm, verify_lm_step,
-                                         verify_lm_int8)
+from export.chatterbox.lm_verify import (INT8_THRESHOLDS, int8_thresholds, quantize_lm, verify_lm, verify_lm_int8,
+                                         verify_lm_step)
 from export.chatterbox.official_layout import section
 from export.chatterbox.t3 import LM_TOLERANCE, T3, T3Config, graph_specs, lm_spec, seeded_init
 
@@ -193,16 +193,37 @@ def test_verify_lm_fails_on_wrong_model(exported, tiny):
 
 
 def test_int8_lm_agrees_with_fp32(exported, tiny, tmp_path):
+    """t3_lm_step with int8 weights: per-channel DynamicQuantizeMatMul everywhere but the head and layer 0, next-token
+    distributions close to fp32's over 4 rows x 64 teacher-forced steps; other weights and zero bounds fail."""
     cfg, model = tiny
     _, paths = exported
-    q = quantize_lm(paths["t3_lm"], tmp_path / "t3_lm_int8.onnx")
-    ops = {n.op_type for n in onnx.load(str(q)).graph.node}
-    assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops
-    report = verify_lm_int8(model, cfg, paths["t3_lm"], q, steps=64)
-    assert report["teacher_forced_agreement"] >= INT8_MIN_AGREEMENT
-    assert report["distinct_fp32_tokens"] > 16      # not a degenerate repeating sequence
-    # a quantized graph of other weights disagrees and is rejected
+    q = tmp_path / "t3_lm_step.int8.onnx"
+    info = quantize_lm(paths["t3_lm_step"], q)
+    graph = onnx.load(str(q)).graph
+    inits = {i.name: i for i in graph.initializer}
+    dq = [n for n in graph.node if n.op_type == "DynamicQuantizeMatMul"]
+    fp32 = [n for n in graph.node if n.op_type == "MatMul" and n.input[1] in inits]
+    assert info["quantized_matmuls"] == len(dq) == 7 * (cfg.num_layers - 1)
+    assert sorted(info["fp32_matmuls"]) == sorted(n.name for n in fp32)
+    assert {n.name.split("/")[2] for n in fp32} == {"layers.0", "MatMul"} and fp32[-1].output == ["logits"]
+    for n in dq:            # int8 weights, one fp32 scale per output column (symmetric: no zero point)
+        w, scale = inits[n.input[1]], inits[n.input[2]]
+        assert w.data_type == onnx.TensorProto.INT8 and list(scale.dims) == [w.dims[1]] and len(n.input) == 3
+    assert [o.name for o in graph.output] == [o.name for o in onnx.load(str(paths["t3_lm_step"])).graph.output]
+
+    report = verify_lm_int8(model, cfg, paths["t3_lm_step"], q, steps=64)
+    t = report["thresholds"]
+    assert t == INT8_THRESHOLDS and report["rows"] == 4 and report["predictions"] == 4 * 65
+    assert report["kl_mean"] < t["max_kl_mean"] / 5 and report["kl_max"] < t["max_kl_max"] / 5
+    assert report["relative_logit_error"] < t["max_relative_logit_error"] / 5
+    assert report["confident_predictions"] >= 65 and report["confident_agreement"] == 1.0
+    assert report["greedy_agreement"] >= 0.9 and len(report["free_run_first_divergence"]) == 4
+    assert report["distinct_fp32_tokens"] > 64       # not a degenerate repeating sequence
+    # a quantized graph of other weights is far outside every bound
     other = seeded_init(T3(cfg), seed=1)
-    other_lm = export_graph(lm_spec(other, cfg), tmp_path)
-    with pytest.raises(AssertionError, match="agreement"):
-        verify_lm_int8(model, cfg, paths["t3_lm"], other_lm, steps=64)
+    other_q = quantize_lm(export_graph(lm_spec(other, cfg, step=True), tmp_path), tmp_path / "other.int8.onnx")
+    with pytest.raises(AssertionError, match="mean KL .* max KL .* relative logit error .* top-1 agreement 0.000"):
+        verify_lm_int8(model, cfg, paths["t3_lm_step"], tmp_path / other_q["file"], steps=16)
+    # tolerance_scale 0 (the export's failure-path switch) fails the real int8 graph too
+    with pytest.raises(AssertionError, match="t3_lm_step int8 vs fp32"):
+        verify_lm_int8(model, cfg, paths["t3_lm_step"], q, steps=4, thresholds=int8_thresholds(0))

@@ -1,6 +1,8 @@
 """The T3 stage on the tiny bundle: text front end, sampling order, continuous batching, per-row seeds."""
 from __future__ import annotations
 
+import json
+import shutil
 import threading
 
 import numpy as np
@@ -134,3 +136,22 @@ def test_chunks_parameters_and_bad_rows(bundle, stage):
     assert out["speech_tokens"][0].dtype == np.int32 and (out["speech_tokens"][0] < 6561).all()
     with pytest.raises(ConfigError, match="max_rowz"):
         T3(bundle, options={"max_rowz": 3})
+
+
+def test_int8_lm_decodes_close_to_fp32_and_needs_its_graph(bundle, stage, tmp_path):
+    """lm int8 runs the bundle's verified int8 step graph: greedy tokens mostly those of fp32 (the tiny model's
+    margins are wide), never all of them different; a bundle without the graph is a clear config error."""
+    int8 = T3(bundle, options={"max_rows": 6, "prefill_rows": 4, "lm": "int8"})
+    batch = rows(bundle, TEXTS, max_new_tokens=[25] * 6, temperature=[0.0] * 6)
+    got, want = int8(batch), stage(batch)
+    assert list(got["status"]) == ["ok"] * 6, got["error"]
+    agree = [np.mean(a[:min(len(a), len(b))] == b[:min(len(a), len(b))])
+             for a, b in zip(got["speech_tokens"], want["speech_tokens"])]
+    assert np.mean(agree) > 0.5, agree
+    manifest = json.loads((bundle.path / "bundle.json").read_text())
+    del manifest["graphs"]["t3_lm_step_int8"]
+    stripped = tmp_path / "no-int8"
+    shutil.copytree(bundle.path, stripped)
+    (stripped / "bundle.json").write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match="t3_lm_step_int8"):
+        T3(load_bundle(str(stripped)), options={"lm": "int8"})

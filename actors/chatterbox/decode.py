@@ -73,7 +73,7 @@ class KVCache:
     `block` columns; only a resize or a row that moves to fill a gap copies cache memory.
     """
 
-    def __init__(self, tensors: int, max_rows: int, heads: int, head_dim: int, block: int = 64) -> None:
+    def __init__(self, tensors: int, max_rows: int, heads: int, head_dim: int, block: int = 16) -> None:
         self.tensors, self.max_rows, self.heads, self.head_dim, self.block = tensors, max_rows, heads, head_dim, block
         self.rows = 0
         self._resize(0)

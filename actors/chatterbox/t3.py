@@ -40,7 +40,8 @@ class T3Options(StageOptions):
     """Rows per prefill call when waiting utterances join the batch."""
     lm: Literal["fp32", "int8"] = "fp32"
     """int8: the bundle's dynamically quantized step graph (`t3_lm_step_int8`, checked against fp32 at
-    export; `python -m export.chatterbox` writes it for fp32 bundles), for CPUs with fast int8 dot products."""
+    export; `python -m export.chatterbox` writes it for fp32 bundles), for CPUs with fast int8 dot products.
+    Its activations are quantized per batch, so a row's tokens may depend on its batch: fp32 repeats exactly."""
 
 
 class T3(Stage):

@@ -57,8 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random-init seed (default 0)")
     p.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32",
                    help="graph precision; fp16 is for GPU bundles (IO stays fp32, checked on the CPU)")
-    p.add_argument("--quantize-lm", choices=["none", "int8"], default="none",
-                   help="also write t3_lm.int8.onnx (dynamic int8 weights, for CPU workers; fp32 bundles)")
+    p.add_argument("--quantize-lm", choices=["none", "int8"], default=None,
+                   help="int8 (the default for fp32 bundles): also write t3_lm_step.int8.onnx, the decode step graph "
+                        "with int8 MatMul weights for CPU workers, checked against fp32; none: skip it "
+                        "(fp16 bundles: always none)")
     p.add_argument("--threads", type=int, default=_threads(), help="torch / ONNX Runtime threads")
     p.add_argument("--decode-steps", type=int, default=8, help="cached greedy decode steps the LM check runs")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")

@@ -10,10 +10,10 @@ different lengths, and each padded row with the row run alone
 (`graph_io.verify_graph`).  The LM additionally runs the T3 helper's
 `verify_lm` (left-padded batched prefill + cached greedy decode: logits, KV
 cache and greedy tokens).  fp16 graphs are compared with the fp32 torch
-modules under the looser `FP16_TOLERANCE`; an int8 LM by greedy agreement with
-the fp32 LM graph (`verify_lm_int8`).  Any excess fails the export: the bundle
-is assembled in a staging directory and only moved to its destination, with
-bundle.json, once everything passed.
+modules under the looser `FP16_TOLERANCE`; the int8 step graph by its next-token
+distributions against the fp32 step graph's (`verify_lm_int8`, `INT8_THRESHOLDS`).
+Any excess fails the export: the bundle is assembled in a staging directory and
+only moved to its destination, with bundle.json, once everything passed.
 """
 from __future__ import annotations
 
@@ -54,7 +54,9 @@ COMPONENT_GRAPHS: dict[str, tuple[str, ...]] = {
     "mel2wav": ("hift_f0", "hift_decoder"),
 }
 GRAPHS = tuple(g for c in COMPONENTS for g in COMPONENT_GRAPHS[c])
-INT8_LM = "t3_lm_int8"
+# fp32 bundles: t3_lm_step with int8 MatMul weights (lm_verify.quantize_lm), for CPU workers.
+INT8_LM = "t3_lm_step_int8"
+INT8_FILE = "t3_lm_step.int8.onnx"
 
 # fp16 bundles: graphs kept in fp32.  Both run once per reference voice (cached per
 # speaker), so fp16 buys nothing there: the tokenizer's ids must match the fp32 model
@@ -97,10 +99,10 @@ Log = Callable[[str], None]
 @dataclass
 class ExportOptions:
     dtype: str = "fp32"                 # "fp32" or "fp16" (GPU bundles; IO stays fp32)
-    quantize_lm: str | None = None      # "int8": also write t3_lm.int8.onnx (fp32 bundles)
+    quantize_lm: str | None = None      # "int8" | "none"; None: int8 for fp32 bundles, none for fp16
     threads: int = 2                    # torch and ORT (LM checks) threads
     decode_steps: int = 8               # cached greedy decode steps checked by verify_lm
-    int8_steps: int = 64                # greedy steps compared by verify_lm_int8
+    int8_steps: int = 64                # teacher-forced decode steps compared by verify_lm_int8
     tolerance_scale: float = 1.0        # multiplies every tolerance (0 forces a failure: tests)
     external_data_bytes: int = EXTERNAL_DATA_BYTES  # graphs larger than this keep weights in <name>.onnx.data
     overwrite: bool = False
@@ -110,7 +112,9 @@ class ExportOptions:
             raise ValueError(f"dtype must be fp32 or fp16, not {self.dtype!r}")
         if self.quantize_lm not in (None, "none", "int8"):
             raise ValueError(f"--quantize-lm must be none or int8, not {self.quantize_lm!r}")
-        if self.quantize_lm == "none":
+        if self.quantize_lm is None:
+            self.quantize_lm = "int8" if self.dtype == "fp32" else None
+        elif self.quantize_lm == "none":
             self.quantize_lm = None
         if self.quantize_lm and self.dtype != "fp32":
             raise ValueError("--quantize-lm int8 is for fp32 (CPU) bundles; it cannot be combined with --dtype fp16")
@@ -241,20 +245,23 @@ def verify_component(component: str, model: nn.Module, cfg: ModelConfig, graph_f
         log(f"  verified {spec.name} ({dtype}): max error {_max_err(report):.3g} "
             f"(atol {tol.atol:g}, rtol {tol.rtol:g}) in {report['seconds']:.1f}s")
     if component == "t3" and int8_file is not None:
-        from export.chatterbox.lm_verify import INT8_MIN_AGREEMENT, verify_lm_int8
+        from export.chatterbox.lm_verify import int8_thresholds, verify_lm_int8
         start = time.perf_counter()
-        # tolerance_scale 0 (tests) asks for the impossible, to exercise the failure path
-        min_agree = INT8_MIN_AGREEMENT if options.tolerance_scale > 0 else 1.01
+        # the bounds scale with tolerance_scale; 0 (tests) asks for the impossible, to exercise the failure path
         try:
-            rep = verify_lm_int8(model, cfg.t3, lm_fp32_file or graph_files["t3_lm"], int8_file,
-                                 steps=options.int8_steps, min_agreement=min_agree, threads=options.threads)
+            rep = verify_lm_int8(model, cfg.t3, lm_fp32_file or graph_files["t3_lm_step"], int8_file,
+                                 steps=options.int8_steps, thresholds=int8_thresholds(options.tolerance_scale),
+                                 threads=options.threads)
         except AssertionError as e:
             raise VerificationError(f"verification failed: {e}") from None
         rep["seconds"] = round(time.perf_counter() - start, 2)
         rep["passed"] = True
         reports[INT8_LM] = rep
-        log(f"  verified {INT8_LM}: greedy agreement {rep['teacher_forced_agreement']:.3f} over "
-            f"{rep['steps']} steps (min {rep['min_agreement']})")
+        agree = rep["confident_agreement"]
+        log(f"  verified {INT8_LM} vs t3_lm_step: KL mean {rep['kl_mean']:.3g} max {rep['kl_max']:.3g}, relative "
+            f"logit error {rep['relative_logit_error']:.3g}, confident top-1 agreement "
+            f"{'n/a' if agree is None else f'{agree:.3f}'} ({rep['rows']} rows x {rep['steps']} steps) "
+            f"in {rep['seconds']:.1f}s")
     return reports
 
 
@@ -342,16 +349,19 @@ def export_bundle(source: Source, out: Path, options: ExportOptions | None = Non
                 graphs[spec.name] = _graph_entry(staging, spec, file, external, dtype, component, info)
                 size = sum((staging / f).stat().st_size for f in [file, *external])
                 log(f"  exported {file} ({size / 1e6:.1f} MB, {dtype}) in {time.perf_counter() - t0:.1f}s")
-                if spec.name == "t3_lm" and options.quantize_lm == "int8":
+                if spec.name == "t3_lm_step" and options.quantize_lm == "int8":
                     from export.chatterbox.lm_verify import quantize_lm
                     t0 = time.perf_counter()
-                    int8 = quantize_lm(staging / file, staging / "t3_lm.int8.onnx")
-                    lm_fp32 = staging / file
-                    ext8 = [f.name for f in staging.glob("t3_lm.int8.onnx.*")]
-                    graphs[INT8_LM] = _graph_entry(staging, spec, int8.name, ext8, "int8-dynamic", component, None)
-                    graphs[INT8_LM]["reference_graph"] = "t3_lm"
-                    log(f"  quantized {int8.name} ({int8.stat().st_size / 1e6:.1f} MB) in "
-                        f"{time.perf_counter() - t0:.1f}s")
+                    info = quantize_lm(staging / file, staging / INT8_FILE,
+                                       external_bytes=options.external_data_bytes)
+                    int8, lm_fp32 = staging / INT8_FILE, staging / file
+                    ext8 = info.pop("external_data")
+                    del info["file"]
+                    graphs[INT8_LM] = _graph_entry(staging, spec, INT8_FILE, ext8, "int8-dynamic", component, None)
+                    graphs[INT8_LM].update({"reference_graph": "t3_lm_step", "quantization": info})
+                    size = sum((staging / f).stat().st_size for f in [INT8_FILE, *ext8])
+                    log(f"  quantized {INT8_FILE} ({size / 1e6:.1f} MB, {info['quantized_matmuls']} int8 MatMuls, "
+                        f"{len(info['fp32_matmuls'])} kept fp32) in {time.perf_counter() - t0:.1f}s")
             reports.update(verify_component(component, model, cfg, files, dtypes, options, log,
                                             int8_file=int8, lm_fp32_file=lm_fp32))
             del model
@@ -497,7 +507,8 @@ def summary(report: dict[str, Any]) -> dict[str, Any]:
     out = {}
     for name, rep in report.items():
         if name == INT8_LM:
-            out[name] = {"teacher_forced_agreement": rep["teacher_forced_agreement"], "steps": rep["steps"]}
+            out[name] = {k: rep[k] for k in ("kl_mean", "kl_max", "confident_agreement", "relative_logit_error",
+                                             "greedy_agreement", "steps")}
         else:
             out[name] = {"max_abs_error": float(f"{_max_err(rep):.3g}"), "tolerance": rep.get("tolerance")}
     return out
