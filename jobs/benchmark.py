@@ -402,13 +402,13 @@ def run(args: argparse.Namespace) -> dict:
         report["max_new_tokens"] = args.max_new_tokens
     if args.reference_json:
         report["reference"] = reused_reference(args.reference_json, report)
-    # In-process before the reference: a variant whose stages cannot load fails before the reference's minutes.
-    variant_runs = {name: in_process(spec, table) for name, spec in specs.items()}
-    if pipeline.family in BASELINES and not args.reference_json:
-        report["reference"] = BASELINES[pipeline.family](bundle, table, pipeline.format)
-    report["in_process"] = variant_runs
+    # The Ray job first, while this process holds no stage: memory the in-process stages freed is not all
+    # returned to the OS, and on a small node the job's actors need it (else Ray's memory monitor kills one).
     if not args.skip_ray:
         report["ray_job"] = ray_job(args.config, pipeline, table)
+    report["in_process"] = {name: in_process(spec, table) for name, spec in specs.items()}
+    if pipeline.family in BASELINES and not args.reference_json:
+        report["reference"] = BASELINES[pipeline.family](bundle, table, pipeline.format)
     report["ratios"] = ratios(report)
     report["table"] = markdown_table(report)
     return report
