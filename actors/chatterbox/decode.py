@@ -75,23 +75,21 @@ class KVCache:
 
     def __init__(self, tensors: int, max_rows: int, heads: int, head_dim: int, block: int = 16) -> None:
         self.tensors, self.max_rows, self.heads, self.head_dim, self.block = tensors, max_rows, heads, head_dim, block
-        self.rows = 0
-        self._resize(0)
+        self.rows = self.capacity = 0
+        self.length = np.zeros(max_rows, np.int64)
+        self.mask = np.zeros((max_rows, 0), np.int64)
+        self.buffers = [np.zeros((max_rows, heads, 0, head_dim), np.float32) for _ in range(tensors)]
 
     def _resize(self, capacity: int) -> None:
-        old = getattr(self, "buffers", None)
         # np.zeros maps untouched pages lazily: slots no row has used cost no memory
-        self.buffers = [np.zeros((self.max_rows, self.heads, capacity, self.head_dim), np.float32)
-                        for _ in range(self.tensors)]
+        buffers = [np.zeros((self.max_rows, self.heads, capacity, self.head_dim), np.float32)
+                   for _ in range(self.tensors)]
         mask = np.zeros((self.max_rows, capacity), np.int64)
-        if old is not None and self.rows:
-            used = min(capacity, int(self.length[:self.rows].max()))
-            for new, buf in zip(self.buffers, old):
-                new[:self.rows, :, :used] = buf[:self.rows, :, :used]
-            mask[:self.rows, :used] = self.mask[:self.rows, :used]
-        else:
-            self.length = np.zeros(self.max_rows, np.int64)
-        self.mask, self.capacity = mask, capacity
+        used = min(capacity, int(self.length[:self.rows].max(initial=0)))
+        for new, old in zip(buffers, self.buffers):
+            new[:self.rows, :, :used] = old[:self.rows, :, :used]
+        mask[:self.rows, :used] = self.mask[:self.rows, :used]
+        self.buffers, self.mask, self.capacity = buffers, mask, capacity
 
     def _fit(self, columns: int) -> None:
         """Room for `columns` columns per row; capacity in whole blocks, shrunk when under half used."""

@@ -215,8 +215,7 @@ def verify_lm_step(model: T3, cfg: T3Config, step_path: Path, contract_path: Pat
 
     def join(ids: list[int], where: str) -> None:
         embeds, mask, pos = left_pad([rows[i] for i in ids])
-        logits, new = run_step(embeds, mask, pos, [np.zeros((len(ids), cfg.num_kv_heads, 0, cfg.head_dim),
-                                                            np.float32)] * len(inputs[3:]))
+        logits, new = run_step(embeds, mask, pos, contract.empty_past(len(ids)))
         cache.add(new, mask)
         for j, i in enumerate(ids):
             n = len(rows[i])
